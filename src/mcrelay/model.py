@@ -1,0 +1,569 @@
+"""Rules and their validation, shared by every process.
+
+A rule is built only through the ``parse_*`` functions (or ``from_dict``), which
+check every field and raise :class:`InvalidParams` naming the field and the
+allowed values. Anything holding a ``Route``, ``Relay`` or ``GroupJoin`` may
+therefore trust it: the kernel engine and the workers never re-check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidParams
+
+MAX_OUTPUTS = 32
+MAX_ROUTES = 4096
+MAX_RELAYS = 20000
+MAX_GROUPS = 4096
+MAX_NAME = 64
+MAX_SOURCES = 64
+DEFAULT_MCAST_TTL = 16
+DEFAULT_UNICAST_TTL = 64
+
+IfName = str
+Mode = Literal["packet", "socket"]
+MODES: tuple[Mode, ...] = ("packet", "socket")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\[\]-]*$")
+
+DSCP_CLASSES: dict[str, int] = {
+    "BE": 0,
+    "DF": 0,
+    "LE": 1,
+    **{f"CS{i}": 8 * i for i in range(8)},
+    **{f"AF{c}{d}": 8 * c + 2 * d for c in range(1, 5) for d in range(1, 4)},
+    "VA": 44,
+    "EF": 46,
+}
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], field_name: str, what: str) -> Any:
+    # bool is an int in Python; a JSON true is never a port or a TTL.
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise InvalidParams(field_name, f"must be {what}, got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_ifname(value: Any, field_name: str) -> str:
+    """Linux interface-name rules: 1-15 bytes, no '/', no whitespace, not '.' or '..'."""
+    _expect(value, str, field_name, "an interface name (1-15 bytes)")
+    raw = value.encode("utf-8", "surrogateescape")
+    if not 1 <= len(raw) <= 15:
+        raise InvalidParams(field_name, f"interface name must be 1-15 bytes, got {len(raw)}")
+    if value in (".", "..") or "/" in value or ":" in value or any(c.isspace() for c in value):
+        raise InvalidParams(
+            field_name,
+            f"invalid interface name {_show(value)}: no '/', ':', whitespace, not '.' or '..'",
+        )
+    if not value.isprintable():
+        raise InvalidParams(field_name, f"invalid interface name {_show(value)}: unprintable")
+    return str(value)
+
+
+def check_int(value: Any, field_name: str, low: int, high: int) -> int:
+    """An integer in [low, high]; numeric strings from the CLI are accepted."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    _expect(value, int, field_name, f"an integer {low}-{high}")
+    if not low <= value <= high:
+        raise InvalidParams(field_name, f"must be {low}-{high}, got {value}")
+    return int(value)
+
+
+def check_port(value: Any, field_name: str) -> int:
+    return check_int(value, field_name, 1, 65535)
+
+
+def check_ttl(value: Any, field_name: str) -> int:
+    return check_int(value, field_name, 1, 255)
+
+
+def check_dscp(value: Any, field_name: str) -> int:
+    """DSCP as 0-63 or a class name (EF, AF41, CS5, BE...)."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        code = DSCP_CLASSES.get(value.strip().upper())
+        if code is None:
+            raise InvalidParams(
+                field_name,
+                f"unknown DSCP class {_show(value)}; use 0-63 or one of "
+                "BE, LE, CS0-CS7, AF11-AF43, VA, EF",
+            )
+        return code
+    return check_int(value, field_name, 0, 63)
+
+
+def check_address(value: Any, field_name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    _expect(value, str, field_name, "an IPv4 or IPv6 address")
+    try:
+        addr = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise InvalidParams(field_name, f"{_show(value)} is not an IPv4 or IPv6 address") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
+        raise InvalidParams(field_name, "scoped IPv6 addresses (with %zone) are not supported")
+    return addr
+
+
+def check_group(value: Any, field_name: str, *, kernel: bool) -> str:
+    """A multicast group; kernel routes refuse link-local scopes the kernel never forwards."""
+    addr = check_address(value, field_name)
+    if not addr.is_multicast:
+        allowed = "224.0.0.0/4" if addr.version == 4 else "ff00::/8"
+        raise InvalidParams(field_name, f"{addr} is not multicast (allowed: {allowed})")
+    if kernel:
+        if addr.version == 4 and addr in ipaddress.IPv4Network("224.0.0.0/24"):
+            raise InvalidParams(
+                field_name,
+                f"{addr} is link-local (224.0.0.0/24): the kernel never forwards it; "
+                "use a relay to carry it between segments",
+            )
+        if addr.version == 6 and (int(addr) >> 112) & 0xF in (1, 2):
+            raise InvalidParams(
+                field_name,
+                f"{addr} has interface/link-local scope (ff01/ff02): the kernel never forwards "
+                "it; use a relay to carry it between segments",
+            )
+    return str(addr)
+
+
+def check_source(value: Any, field_name: str, family: int) -> str | None:
+    """A unicast source address of the group's family, or None / '*' for any source."""
+    if value is None or value == "*":
+        return None
+    addr = check_address(value, field_name)
+    if addr.version != family:
+        raise InvalidParams(field_name, f"{addr} is IPv{addr.version}, the group is IPv{family}")
+    if addr.is_multicast or addr.is_unspecified:
+        raise InvalidParams(field_name, f"{addr} cannot be a source (must be a unicast address)")
+    return str(addr)
+
+
+def check_name(value: Any, field_name: str) -> str:
+    _expect(value, str, field_name, "a name")
+    if not 1 <= len(value) <= MAX_NAME or not _NAME_RE.match(value):
+        raise InvalidParams(
+            field_name,
+            f"invalid name {_show(value)}: 1-{MAX_NAME} characters from letters, digits "
+            "and . _ - : @ [ ], starting with a letter or digit",
+        )
+    return str(value)
+
+
+def _mapping(value: Any, field_name: str) -> Mapping[str, Any]:
+    _expect(value, dict, field_name, "an object")
+    return value  # type: ignore[no-any-return]
+
+
+def _sequence(value: Any, field_name: str, limit: int) -> Sequence[Any]:
+    _expect(value, (list, tuple), field_name, "a list")
+    if len(value) > limit:
+        raise InvalidParams(field_name, f"at most {limit} entries, got {len(value)}")
+    return value  # type: ignore[no-any-return]
+
+
+def _no_extra(obj: Mapping[str, Any], allowed: set[str], field_name: str) -> None:
+    extra = sorted(str(k) for k in obj if k not in allowed)
+    if extra:
+        where = f"{field_name}." if field_name else ""
+        raise InvalidParams(
+            f"{where}{extra[0]}", f"unknown field; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+# ---------------------------------------------------------------- kernel routes
+
+
+@dataclass(frozen=True)
+class Oif:
+    """An output interface of a kernel route with its TTL threshold."""
+
+    name: IfName
+    ttl: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ttl": self.ttl}
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """Identity of a kernel route; source None is (*,G)."""
+
+    iif: IfName
+    source: str | None
+    group: str
+
+    def __str__(self) -> str:
+        return f"route ({self.source or '*'}, {self.group}) on {self.iif}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"iif": self.iif, "source": self.source or "*", "group": self.group}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A static kernel multicast route: (S,G) or (*,G) from iif to oifs."""
+
+    iif: IfName
+    source: str | None
+    group: str
+    oifs: tuple[Oif, ...]
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.group else 4
+
+    @property
+    def key(self) -> RouteKey:
+        return RouteKey(self.iif, self.source, self.group)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iif": self.iif,
+            "source": self.source or "*",
+            "group": self.group,
+            "oifs": [o.to_dict() for o in self.oifs],
+        }
+
+
+def parse_route_key(params: Mapping[str, Any], where: str = "") -> RouteKey:
+    p = f"{where}." if where else ""
+    iif = check_ifname(params.get("iif"), f"{p}iif")
+    group = check_group(params.get("group"), f"{p}group", kernel=True)
+    source = check_source(params.get("source"), f"{p}source", 6 if ":" in group else 4)
+    return RouteKey(iif, source, group)
+
+
+def parse_route(params: Any, where: str = "") -> Route:
+    """Validate a route from its JSON form ({iif, source?, group, oifs})."""
+    obj = _mapping(params, where or "params")
+    _no_extra(obj, {"iif", "source", "group", "oifs"}, where)
+    key = parse_route_key(obj, where)
+    p = f"{where}." if where else ""
+    raw_oifs = _sequence(obj.get("oifs"), f"{p}oifs", MAX_OUTPUTS)
+    if not raw_oifs:
+        raise InvalidParams(f"{p}oifs", "at least one output interface is required")
+    oifs: list[Oif] = []
+    for i, raw in enumerate(raw_oifs):
+        f = f"{p}oifs[{i}]"
+        if isinstance(raw, str):
+            oif = Oif(check_ifname(raw, f))
+        else:
+            o = _mapping(raw, f)
+            _no_extra(o, {"name", "ttl"}, f)
+            oif = Oif(
+                check_ifname(o.get("name"), f"{f}.name"), check_ttl(o.get("ttl", 1), f"{f}.ttl")
+            )
+        if oif.name == key.iif:
+            raise InvalidParams(
+                f, f"{oif.name} is the input interface; it cannot also be an output"
+            )
+        if any(o.name == oif.name for o in oifs):
+            raise InvalidParams(f, f"duplicate output interface {oif.name}")
+        oifs.append(oif)
+    return Route(key.iif, key.source, key.group, tuple(oifs))
+
+
+# ---------------------------------------------------------------- relays
+
+
+@dataclass(frozen=True)
+class RelayInput:
+    """Where a relay listens: a group (or a unicast host address) and port on an interface."""
+
+    iif: IfName
+    group: str
+    port: int
+    sources: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.group else 4
+
+    @property
+    def is_multicast(self) -> bool:
+        return ipaddress.ip_address(self.group).is_multicast
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Lookup key shared with the workers: (iif, destination address, port)."""
+        return (self.iif, self.group, self.port)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"iif": self.iif, "group": self.group, "port": self.port}
+        if self.sources:
+            d["sources"] = list(self.sources)
+        return d
+
+
+@dataclass(frozen=True)
+class RelayOutput:
+    """One destination of a relay: multicast (with oif) or unicast, with TTL and DSCP."""
+
+    address: str
+    port: int
+    oif: IfName | None
+    ttl: int
+    dscp: int = 0
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.address else 4
+
+    @property
+    def is_multicast(self) -> bool:
+        return ipaddress.ip_address(self.address).is_multicast
+
+    def spec(self) -> str:
+        """The CLI spelling, ADDR:PORT[@OIF][,ttl=N][,dscp=N]."""
+        host = f"[{self.address}]" if self.family == 6 else self.address
+        text = f"{host}:{self.port}"
+        if self.oif:
+            text += f"@{self.oif}"
+        return f"{text},ttl={self.ttl},dscp={self.dscp}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "port": self.port,
+            "oif": self.oif,
+            "ttl": self.ttl,
+            "dscp": self.dscp,
+        }
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A userspace relay rule: one input, up to 32 outputs."""
+
+    name: str
+    input: RelayInput
+    outputs: tuple[RelayOutput, ...]
+    mode: Mode = "packet"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input": self.input.to_dict(),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "mode": self.mode,
+        }
+
+
+def parse_relay_input(raw: Any, where: str) -> RelayInput:
+    obj = _mapping(raw, where)
+    _no_extra(obj, {"iif", "group", "port", "sources"}, where)
+    iif = check_ifname(obj.get("iif"), f"{where}.iif")
+    addr = check_address(obj.get("group"), f"{where}.group")
+    if addr.is_unspecified:
+        raise InvalidParams(f"{where}.group", "must be a multicast group or a host address")
+    port = check_port(obj.get("port"), f"{where}.port")
+    sources: list[str] = []
+    for i, s in enumerate(_sequence(obj.get("sources", []), f"{where}.sources", MAX_SOURCES)):
+        src = check_source(s, f"{where}.sources[{i}]", addr.version)
+        if src is None:
+            raise InvalidParams(f"{where}.sources[{i}]", "must be a unicast address, not '*'")
+        if src not in sources:
+            sources.append(src)
+    if sources and not addr.is_multicast:
+        raise InvalidParams(f"{where}.sources", "a source filter needs a multicast input group")
+    return RelayInput(iif, str(addr), port, tuple(sources))
+
+
+def parse_relay_output(raw: Any, where: str, family: int) -> RelayOutput:
+    obj = _mapping(raw, where)
+    _no_extra(obj, {"address", "port", "oif", "ttl", "dscp"}, where)
+    addr = check_address(obj.get("address"), f"{where}.address")
+    if addr.version != family:
+        raise InvalidParams(
+            f"{where}.address", f"{addr} is IPv{addr.version}, the input is IPv{family}"
+        )
+    if addr.is_unspecified:
+        raise InvalidParams(f"{where}.address", "must be a multicast group or a unicast address")
+    port = check_port(obj.get("port"), f"{where}.port")
+    oif_raw = obj.get("oif")
+    oif = None if oif_raw is None else check_ifname(oif_raw, f"{where}.oif")
+    if addr.is_multicast and oif is None:
+        raise InvalidParams(f"{where}.oif", "a multicast output needs an interface (ADDR:PORT@OIF)")
+    default_ttl = DEFAULT_MCAST_TTL if addr.is_multicast else DEFAULT_UNICAST_TTL
+    ttl = check_ttl(obj.get("ttl", default_ttl), f"{where}.ttl")
+    dscp = check_dscp(obj.get("dscp", 0), f"{where}.dscp")
+    return RelayOutput(str(addr), port, oif, ttl, dscp)
+
+
+def derive_relay_name(inp: RelayInput) -> str:
+    host = f"[{inp.group}]" if inp.family == 6 else inp.group
+    return f"{host}:{inp.port}@{inp.iif}"
+
+
+def parse_relay(params: Any, where: str = "") -> Relay:
+    """Validate a relay from its JSON form ({name?, input, outputs, mode?})."""
+    obj = _mapping(params, where or "params")
+    _no_extra(obj, {"name", "input", "outputs", "mode"}, where)
+    p = f"{where}." if where else ""
+    inp = parse_relay_input(obj.get("input"), f"{p}input")
+    name = obj.get("name")
+    name = derive_relay_name(inp) if name is None else check_name(name, f"{p}name")
+    mode = obj.get("mode", "packet")
+    if mode not in MODES:
+        raise InvalidParams(f"{p}mode", f"must be one of {', '.join(MODES)}, got {_show(mode)}")
+    raw_outputs = _sequence(obj.get("outputs"), f"{p}outputs", MAX_OUTPUTS)
+    if not raw_outputs:
+        raise InvalidParams(f"{p}outputs", "at least one output is required")
+    outputs: list[RelayOutput] = []
+    for i, raw in enumerate(raw_outputs):
+        f = f"{p}outputs[{i}]"
+        out = parse_relay_output(raw, f, inp.family)
+        if (out.address, out.port) == (inp.group, inp.port) and out.oif in (None, inp.iif):
+            raise InvalidParams(
+                f, f"{out.spec()} is the relay's own input: relaying it back would loop"
+            )
+        if any((o.address, o.port, o.oif) == (out.address, out.port, out.oif) for o in outputs):
+            raise InvalidParams(f, f"duplicate output {out.address}:{out.port}")
+        outputs.append(out)
+    return Relay(name, inp, tuple(outputs), mode)
+
+
+# ---------------------------------------------------------------- group joins
+
+
+@dataclass(frozen=True)
+class GroupJoin:
+    """A standing IGMP/MLD membership on an interface (ASM, or SSM with a source)."""
+
+    iface: IfName
+    group: str
+    source: str | None = None
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.group else 4
+
+    def __str__(self) -> str:
+        src = f" from {self.source}" if self.source else ""
+        return f"group {self.group}{src} on {self.iface}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"iface": self.iface, "group": self.group, "source": self.source or "*"}
+
+
+def parse_group_join(params: Any, where: str = "") -> GroupJoin:
+    obj = _mapping(params, where or "params")
+    _no_extra(obj, {"iface", "group", "source"}, where)
+    p = f"{where}." if where else ""
+    iface = check_ifname(obj.get("iface"), f"{p}iface")
+    group = check_group(obj.get("group"), f"{p}group", kernel=False)
+    source = check_source(obj.get("source"), f"{p}source", 6 if ":" in group else 4)
+    return GroupJoin(iface, group, source)
+
+
+# ---------------------------------------------------------------- whole rule set
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Everything the user configured; what the state file and `apply` hold."""
+
+    routes: tuple[Route, ...] = ()
+    relays: tuple[Relay, ...] = ()
+    groups: tuple[GroupJoin, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "routes": [r.to_dict() for r in self.routes],
+            "relays": [r.to_dict() for r in self.relays],
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+def parse_ruleset(params: Any, where: str = "") -> RuleSet:
+    """Validate a whole rule set; duplicates inside it are refused like on add."""
+    obj = _mapping(params, where or "rules")
+    _no_extra(obj, {"routes", "relays", "groups"}, where)
+    p = f"{where}." if where else ""
+    routes = [
+        parse_route(r, f"{p}routes[{i}]")
+        for i, r in enumerate(_sequence(obj.get("routes", []), f"{p}routes", MAX_ROUTES))
+    ]
+    relays = [
+        parse_relay(r, f"{p}relays[{i}]")
+        for i, r in enumerate(_sequence(obj.get("relays", []), f"{p}relays", MAX_RELAYS))
+    ]
+    groups = [
+        parse_group_join(g, f"{p}groups[{i}]")
+        for i, g in enumerate(_sequence(obj.get("groups", []), f"{p}groups", MAX_GROUPS))
+    ]
+    seen_routes: set[RouteKey] = set()
+    for i, r in enumerate(routes):
+        if r.key in seen_routes:
+            raise InvalidParams(f"{p}routes[{i}]", f"duplicate {r.key}")
+        seen_routes.add(r.key)
+    names: set[str] = set()
+    keys: set[tuple[str, str, int]] = set()
+    for i, rl in enumerate(relays):
+        if rl.name in names:
+            raise InvalidParams(f"{p}relays[{i}].name", f"duplicate relay name {rl.name!r}")
+        if rl.input.key in keys:
+            raise InvalidParams(f"{p}relays[{i}].input", "duplicate relay input")
+        names.add(rl.name)
+        keys.add(rl.input.key)
+    if len(set(groups)) != len(groups):
+        raise InvalidParams(f"{p}groups", "duplicate group join")
+    return RuleSet(tuple(routes), tuple(relays), tuple(groups))
+
+
+# ---------------------------------------------------------------- CLI spellings
+
+
+def parse_output_spec(spec: str, where: str = "outputs[0]") -> dict[str, Any]:
+    """`ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]` into the JSON form of an output."""
+    head, *opts = spec.split(",")
+    out: dict[str, Any] = _parse_endpoint(head, where, "ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]")
+    if out.get("iif") is not None:
+        out["oif"] = out.pop("iif")
+    else:
+        out.pop("iif", None)
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("ttl", "dscp"):
+            raise InvalidParams(where, f"unknown option {opt!r}; allowed: ttl=N, dscp=CLASS")
+        out[key] = value.strip()
+    out["address"] = out.pop("group")
+    return out
+
+
+def parse_input_spec(spec: str, where: str = "input") -> dict[str, Any]:
+    """`GROUP:PORT@IIF` (IPv6 in brackets) into the JSON form of a relay input."""
+    out = _parse_endpoint(spec, where, "GROUP:PORT@IIF")
+    if out.get("iif") is None:
+        raise InvalidParams(f"{where}.iif", "the input needs an interface: GROUP:PORT@IIF")
+    return out
+
+
+def _parse_endpoint(text: str, where: str, form: str) -> dict[str, Any]:
+    text = text.strip()
+    addr_part, at, ifname = text.partition("@")
+    if addr_part.startswith("["):
+        host, close, rest = addr_part[1:].partition("]")
+        if not close or not rest.startswith(":"):
+            raise InvalidParams(where, f"cannot parse {text!r}; expected {form}")
+        port = rest[1:]
+    else:
+        host, colon, port = addr_part.rpartition(":")
+        if not colon or ":" in host:
+            raise InvalidParams(
+                where, f"cannot parse {text!r}; expected {form} (IPv6 addresses in brackets)"
+            )
+    return {"group": host, "port": port, "iif": ifname if at else None}
