@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidParams, InvalidRequest, MethodNotFound, ParseError
@@ -104,7 +104,7 @@ class GroupCommand(Command):
 
 @dataclass(frozen=True)
 class ApplyCommand(Command):
-    rules: RuleSet = RuleSet()
+    rules: RuleSet = field(default_factory=RuleSet)
 
     def params(self) -> dict[str, Any]:
         return {"rules": self.rules.to_dict(), **super().params()}
