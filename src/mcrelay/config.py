@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import grp
 import ipaddress
 import json
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .privileges import resolve_group
 
 DEFAULT_CONFIG = "/etc/mcrelay/mcrelay.toml"
 DEFAULT_SOCKET = "/run/mcrelay/mcrelay.sock"
@@ -366,19 +366,10 @@ def apply_reload(old: Settings, new: Settings) -> Settings:
     return Settings(**{**new.to_dict(), **keep}, config_path=new.config_path)
 
 
-def _lookup_gid(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
-
-
 def socket_gid(settings: Settings) -> tuple[int, str | None]:
     """The gid to give the control socket, and a warning to log if the
     configured group does not exist (then root's group 0: only root can connect)."""
-    gid = _lookup_gid(settings.socket_group)
+    gid = resolve_group(settings.socket_group)
     if gid is not None:
         return gid, None
     return 0, (
@@ -393,7 +384,7 @@ def admin_gid(settings: Settings) -> tuple[int | None, str | None]:
     if the configured admin group does not exist (then root only, never wider)."""
     if settings.admin_group is None:
         return None, None
-    gid = _lookup_gid(settings.admin_group)
+    gid = resolve_group(settings.admin_group)
     if gid is not None:
         return gid, None
     return None, (
