@@ -1,0 +1,500 @@
+"""How the ``mcrelay`` command shows daemon results to people.
+
+Everything here turns a JSON result (the shapes in docs/protocol.md) into text:
+aligned tables with numbers right-aligned and counters in human units
+(``1.2k``, ``3.4M``), one-line descriptions of rules, the ``apply`` diff, trace
+lines and the ``status`` summary. Scripts use ``--output json`` instead, which
+bypasses this module, so the layout here may change between releases.
+
+Results come from a daemon that may be older or newer than this client: a
+missing key is shown as ``-`` rather than raising.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .model import DSCP_CLASSES
+
+Cell = str | int | float | None
+Align = Literal["left", "right"]
+MISSING = "-"
+
+# Preferred class name for each DSCP value (EF rather than 46, CS0 shown as nothing).
+_DSCP_NAMES: dict[int, str] = {}
+for _name, _code in DSCP_CLASSES.items():
+    if _name not in ("BE", "DF") and _code not in _DSCP_NAMES:
+        _DSCP_NAMES[_code] = _name
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def json_text(obj: Any) -> str:
+    """Stable JSON for scripts: sorted keys, indent 2, no trailing spaces."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False)
+
+
+def json_line(obj: Any) -> str:
+    """One compact, sorted JSON object per line (streams: trace, stats --watch)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def human(value: Any, exact: bool = False) -> str:
+    """A counter in SI units: 999, 1.2k, 12.3k, 123k, 3.4M, 5.6G (exact digits if asked)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return MISSING
+    if exact or abs(value) < 1000:
+        return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+    for unit in ("k", "M", "G", "T", "P", "E"):
+        value /= 1000.0
+        if abs(value) < 999.95:
+            return f"{value:.1f}{unit}" if abs(value) < 99.95 else f"{value:.0f}{unit}"
+    return f"{value:.0f}E"
+
+
+def duration(seconds: Any) -> str:
+    """Uptime as 3d 4h, 2h 5m, 4m 12s or 12s."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return MISSING
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {s}s"
+    return f"{s}s"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header and how its cells line up."""
+
+    header: str
+    align: Align = "left"
+
+
+def table(columns: Sequence[Column], rows: Iterable[Sequence[Cell]]) -> str:
+    """Aligned columns, two spaces apart, headers in capitals; no trailing spaces.
+
+    Cells are rendered with ``str`` (None as ``-``); right-aligned columns are
+    for numbers so their digits line up.
+    """
+    text_rows = [[MISSING if c is None else str(c) for c in row] for row in rows]
+    widths = [len(col.header) for col in columns]
+    for row in text_rows:
+        for i, cell in enumerate(row[: len(columns)]):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [[c.header for c in columns], *text_rows]:
+        cells = []
+        for i, col in enumerate(columns):
+            cell = row[i] if i < len(row) else ""
+            cells.append(cell.rjust(widths[i]) if col.align == "right" else cell.ljust(widths[i]))
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, Mapping) else default
+
+
+def _list(obj: Any, key: str) -> list[Any]:
+    value = _get(obj, key)
+    return list(value) if isinstance(value, list) else []
+
+
+def _host(address: Any) -> str:
+    text = str(address) if address is not None else MISSING
+    return f"[{text}]" if ":" in text else text
+
+
+# ---------------------------------------------------------------- rule spellings
+
+
+def dscp_name(value: Any) -> str:
+    """46 -> EF, 34 -> AF41, 40 -> CS5, 0 -> 0; other values as numbers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _DSCP_NAMES.get(value, str(value)) if value else "0"
+    return str(value)
+
+
+def oifs_text(oifs: Any) -> str:
+    """Route outputs as ``eth1,eth2(ttl=4)``: the TTL threshold only when it is not 1."""
+    parts = []
+    for oif in oifs if isinstance(oifs, list) else []:
+        if isinstance(oif, str):
+            parts.append(oif)
+            continue
+        name = str(_get(oif, "name", MISSING))
+        ttl = _get(oif, "ttl", 1)
+        parts.append(name if ttl in (1, None) else f"{name}(ttl={ttl})")
+    return ",".join(parts) or MISSING
+
+
+def input_text(inp: Any) -> str:
+    """A relay input as ``GROUP:PORT@IIF``, with its source filter if any."""
+    text = f"{_host(_get(inp, 'group'))}:{_get(inp, 'port', MISSING)}@{_get(inp, 'iif', MISSING)}"
+    sources = _list(inp, "sources")
+    if sources:
+        text += " from " + ",".join(str(s) for s in sources)
+    return text
+
+
+def output_text(out: Any) -> str:
+    """A relay output in the CLI spelling ``ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]``."""
+    text = f"{_host(_get(out, 'address'))}:{_get(out, 'port', MISSING)}"
+    if _get(out, "oif"):
+        text += f"@{_get(out, 'oif')}"
+    if _get(out, "ttl") is not None:
+        text += f",ttl={_get(out, 'ttl')}"
+    dscp = _get(out, "dscp")
+    if dscp not in (None, 0, "0"):
+        text += f",dscp={dscp_name(dscp)}"
+    return text
+
+
+def describe_route(route: Any) -> str:
+    """``route (10.0.0.1, 239.1.1.1) on eth0 -> eth1,eth2``."""
+    source = _get(route, "source") or "*"
+    text = f"route ({source}, {_get(route, 'group', MISSING)}) on {_get(route, 'iif', MISSING)}"
+    if "oifs" in route:
+        text += f" -> {oifs_text(_get(route, 'oifs'))}"
+    return text
+
+
+def describe_relay(relay: Any) -> str:
+    """``relay tv1: 239.1.1.1:5000@eth0 -> 239.2.2.2:6000@eth1,ttl=16 (packet)``."""
+    text = f"relay {_get(relay, 'name', MISSING)}"
+    if "input" in relay:
+        text += f": {input_text(_get(relay, 'input'))}"
+    outputs = _list(relay, "outputs")
+    if outputs:
+        text += " -> " + " ".join(output_text(o) for o in outputs)
+    if _get(relay, "mode"):
+        text += f" ({_get(relay, 'mode')})"
+    return text
+
+
+def describe_group(group: Any) -> str:
+    """``group 232.1.1.1 from 10.0.0.1 on eth0`` (no ``from`` for any source)."""
+    source = _get(group, "source")
+    src = f" from {source}" if source not in (None, "*") else ""
+    return f"group {_get(group, 'group', MISSING)}{src} on {_get(group, 'iface', MISSING)}"
+
+
+def describe(kind: str, rule: Any) -> str:
+    """A rule of kind ``routes``/``relays``/``groups`` (or singular) on one line."""
+    if not isinstance(rule, Mapping):
+        return str(rule)
+    if kind.startswith("route"):
+        return describe_route(rule)
+    if kind.startswith("relay"):
+        return describe_relay(rule)
+    return describe_group(rule)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _family(route: Any) -> str:
+    fam = _get(route, "family")
+    if fam in (4, 6):
+        return f"IPv{fam}"
+    group = str(_get(route, "group", ""))
+    return "IPv6" if ":" in group else "IPv4"
+
+
+def routes_table(routes: Sequence[Any], verbose: bool = False) -> str:
+    """Kernel routes; with ``verbose`` exact counters and the sources learned for (*,G)."""
+    cols = [
+        Column("IIF"),
+        Column("SOURCE"),
+        Column("GROUP"),
+        Column("OIFS"),
+        Column("STATE"),
+        Column("PACKETS", "right"),
+        Column("BYTES", "right"),
+        Column("WRONG-IF", "right"),
+    ]
+    rows: list[list[Cell]] = []
+    for r in sorted(routes, key=_route_sort_key):
+        rows.append(
+            [
+                _get(r, "iif"),
+                _get(r, "source") or "*",
+                _get(r, "group"),
+                oifs_text(_get(r, "oifs")),
+                _get(r, "state"),
+                human(_get(r, "packets"), verbose),
+                human(_get(r, "bytes"), verbose),
+                human(_get(r, "wrong_if"), verbose),
+            ]
+        )
+        if verbose:
+            for learned in _list(r, "learned"):
+                rows.append(
+                    [
+                        "",
+                        f" {_get(learned, 'source', MISSING)}",
+                        "",
+                        "",
+                        "learned",
+                        human(_get(learned, "packets"), True),
+                        human(_get(learned, "bytes"), True),
+                        "",
+                    ]
+                )
+    return table(cols, rows)
+
+
+def _route_sort_key(route: Any) -> tuple[int, str, str, str]:
+    return (
+        6 if _family(route) == "IPv6" else 4,
+        str(_get(route, "iif", "")),
+        _addr_key(_get(route, "group")),
+        _addr_key(_get(route, "source")),
+    )
+
+
+def _addr_key(text: Any) -> str:
+    """Addresses sorted numerically (239.1.1.2 before 239.1.1.10), '*' first."""
+    try:
+        return f"{int(ipaddress.ip_address(str(text))):040d}"
+    except ValueError:
+        return "" if text in (None, "*") else str(text)
+
+
+def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
+    """Relays, each followed by its outputs (``-> SPEC``) with their own counters.
+
+    The relay row counts what arrived and what was dropped before the outputs;
+    an output row counts what was sent there and its send errors. With
+    ``verbose`` the drop reasons follow each relay and counters are exact.
+    """
+    cols = [
+        Column("NAME"),
+        Column("STATE"),
+        Column("MODE"),
+        Column("INPUT / OUTPUTS"),
+        Column("PACKETS", "right"),
+        Column("BYTES", "right"),
+        Column("DROPS", "right"),
+    ]
+    rows: list[list[Cell]] = []
+    for r in sorted(relays, key=lambda r: str(_get(r, "name", ""))):
+        drops = _get(r, "drops")
+        total: Any = None
+        if isinstance(drops, Mapping):
+            total = sum(v for v in drops.values() if isinstance(v, int))
+        elif isinstance(drops, int):
+            total = drops
+        rows.append(
+            [
+                _get(r, "name"),
+                _get(r, "state"),
+                _get(r, "mode"),
+                input_text(_get(r, "input")),
+                human(_get(r, "packets"), verbose),
+                human(_get(r, "bytes"), verbose),
+                human(total, verbose),
+            ]
+        )
+        for out in _list(r, "outputs"):
+            rows.append(
+                [
+                    "",
+                    "",
+                    "",
+                    f"-> {output_text(out)}",
+                    human(_get(out, "packets"), verbose),
+                    human(_get(out, "bytes"), verbose),
+                    human(_get(out, "errors"), verbose),
+                ]
+            )
+        if verbose and isinstance(drops, Mapping) and drops:
+            detail = " ".join(f"{k}={drops[k]}" for k in sorted(drops))
+            rows.append(["", "", "", f"drops: {detail}", "", "", ""])
+    return table(cols, rows)
+
+
+def interfaces_table(interfaces: Sequence[Any]) -> str:
+    """Interfaces, link state, addresses and the VIF (IPv4) / MIF (IPv6) slot mcrelay holds."""
+    cols = [
+        Column("NAME"),
+        Column("INDEX", "right"),
+        Column("STATE"),
+        Column("VIF4", "right"),
+        Column("VIF6", "right"),
+        Column("ADDRESSES"),
+    ]
+    rows: list[list[Cell]] = []
+    for i in sorted(interfaces, key=lambda i: (_get(i, "ifindex") or 0, str(_get(i, "name")))):
+        up = _get(i, "up")
+        rows.append(
+            [
+                _get(i, "name"),
+                _get(i, "ifindex"),
+                MISSING if up is None else ("up" if up else "down"),
+                _get(i, "vif4"),
+                _get(i, "vif6"),
+                ",".join(str(a) for a in _list(i, "addresses")) or MISSING,
+            ]
+        )
+    return table(cols, rows)
+
+
+def groups_table(groups: Sequence[Any]) -> str:
+    """Memberships held, and which rules need them."""
+    cols = [Column("IFACE"), Column("GROUP"), Column("SOURCE"), Column("STATE"), Column("USERS")]
+    rows: list[list[Cell]] = []
+    for g in sorted(groups, key=lambda g: (str(_get(g, "iface", "")), _addr_key(_get(g, "group")))):
+        users = _get(g, "users")
+        users_text = ",".join(str(u) for u in users) if isinstance(users, list) else users
+        rows.append(
+            [
+                _get(g, "iface"),
+                _get(g, "group"),
+                _get(g, "source") or "*",
+                _get(g, "state"),
+                users_text or MISSING,
+            ]
+        )
+    return table(cols, rows)
+
+
+def workers_table(workers: Sequence[Any]) -> str:
+    """Relay worker processes."""
+    cols = [
+        Column("WORKER", "right"),
+        Column("PID", "right"),
+        Column("STATE"),
+        Column("RESTARTS", "right"),
+        Column("CPU", "right"),
+        Column("USER"),
+    ]
+    rows: list[list[Cell]] = []
+    for w in sorted(workers, key=lambda w: _get(w, "index") or 0):
+        cpu = _get(w, "cpu_seconds")
+        rows.append(
+            [
+                _get(w, "index"),
+                _get(w, "pid"),
+                _get(w, "state"),
+                _get(w, "restarts"),
+                f"{cpu:.1f}s" if isinstance(cpu, int | float) else None,
+                _get(w, "user"),
+            ]
+        )
+    return table(cols, rows)
+
+
+def section(title: str, items: Sequence[Any], body: str, empty: str) -> str:
+    """A titled block: ``Routes (2):`` and the table, or a one-line note when empty."""
+    if not items:
+        return f"{title}: {empty}"
+    return f"{title} ({len(items)}):\n{body}"
+
+
+# ---------------------------------------------------------------- other results
+
+
+def status_text(status: Mapping[str, Any]) -> str:
+    """``mcrelay status``: what runs, where, with how many rules, and what is wrong."""
+    workers = _get(status, "workers")
+    kernel = _get(status, "kernel")
+    lines = [
+        f"mcrelayd {_get(status, 'version', MISSING)}, pid {_get(status, 'pid', MISSING)}, "
+        f"up {duration(_get(status, 'uptime'))}"
+    ]
+    rows: list[tuple[str, str]] = [
+        ("socket", str(_get(status, "socket", MISSING))),
+        ("state file", str(_get(status, "state_file", MISSING))),
+        (
+            "rules",
+            f"{_get(status, 'routes', MISSING)} routes, {_get(status, 'relays', MISSING)} relays, "
+            f"{_get(status, 'groups', MISSING)} group joins",
+        ),
+    ]
+    if isinstance(workers, Mapping):
+        rows.append(
+            (
+                "workers",
+                f"{_get(workers, 'running', MISSING)}/{_get(workers, 'configured', MISSING)} "
+                f"running, {_get(workers, 'restarts', MISSING)} restarts",
+            )
+        )
+    if isinstance(kernel, Mapping):
+        rows.append(
+            (
+                "kernel",
+                "multicast routing "
+                + ", ".join(
+                    f"IPv{v} {_yes(_get(kernel, f'ipv{v}'))}" for v in (4, 6) if f"ipv{v}" in kernel
+                ),
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    for warning in _list(status, "warnings"):
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def _yes(value: Any) -> str:
+    if value is None:
+        return MISSING
+    return "available" if value else "unavailable"
+
+
+DIFF_MARKS = (("added", "+"), ("removed", "-"), ("changed", "~"))
+
+
+def diff_lines(diff: Any) -> tuple[list[str], dict[str, int]]:
+    """The ``apply`` diff as ``+ route ...`` / ``- relay ...`` / ``~ group ...`` lines.
+
+    Returns the lines and the counts per mark. A changed entry may be the new
+    rule or {"old": ..., "new": ...} (``before``/``after`` also accepted); the
+    new rule is shown.
+    """
+    lines: list[str] = []
+    counts = {"added": 0, "removed": 0, "changed": 0}
+    for kind in ("routes", "relays", "groups"):
+        part = _get(diff, kind)
+        if not isinstance(part, Mapping):
+            continue
+        for what, mark in DIFF_MARKS:
+            for item in _list(part, what):
+                rule = item
+                if isinstance(item, Mapping) and ("new" in item or "after" in item):
+                    rule = item.get("new", item.get("after"))
+                lines.append(f"{mark} {describe(kind, rule)}")
+                counts[what] += 1
+    return lines, counts
+
+
+def trace_line(record: Mapping[str, Any]) -> str:
+    """One traced packet, tcpdump style: ``12:00:01.123456 10.0.0.1:4000 len 1316 -> ... ok``."""
+    t = _get(record, "time")
+    if isinstance(t, int | float) and not isinstance(t, bool):
+        stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1e6):06d}"
+    else:
+        stamp = str(t) if t is not None else MISSING
+    outputs = _get(record, "outputs")
+    if isinstance(outputs, list):
+        out_text = ",".join(output_text(o) if isinstance(o, Mapping) else str(o) for o in outputs)
+    else:
+        out_text = MISSING if outputs is None else str(outputs)
+    return (
+        f"{stamp} {_get(record, 'source', MISSING)} len {_get(record, 'size', MISSING)} "
+        f"-> {out_text or MISSING} {_get(record, 'result', MISSING)}"
+    )
