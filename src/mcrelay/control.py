@@ -1,0 +1,313 @@
+"""The control process: serves the JSON-RPC socket without privileges.
+
+It accepts clients, enforces the line, connection and idle limits, identifies
+peers with SO_PEERCRED, parses and validates every request into a typed
+command (protocol.py) and only then forwards it to the supervisor as a
+:class:`Call`. Whatever a client sends, the worst outcome is an error reply
+and a closed connection: nothing reaches the supervisor unvalidated.
+
+Run by the supervisor as ``python -m mcrelay.control --listen-fd N
+--channel-fd M --user USER``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import protocol
+from .control_messages import Call, ControlSettings, Reply
+from .errors import InvalidRequest, LimitExceeded, McrelayError, PermissionDenied
+from .ipc import Channel, ProtocolViolation, expect
+
+SO_PEERGROUPS = 59  # Linux >= 4.13, asm-generic/socket.h
+MAX_OUTBUF = 64 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+log = logging.getLogger("mcrelay.control")
+
+
+@dataclass
+class Peer:
+    """One client connection and what we know about who is at the other end."""
+
+    sock: socket.socket
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    last_active: float = 0.0
+    closing: bool = False
+
+    def may(self, access: str, settings: ControlSettings) -> bool:
+        if self.uid == 0:
+            return True
+        gids = self.groups | {self.gid}
+        is_admin = settings.admin_gid is not None and settings.admin_gid in gids
+        if access == "admin":
+            return is_admin
+        return is_admin or settings.socket_gid in gids
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]]:
+    """(pid, uid, gid, supplementary groups) of the process at the other end."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    groups: frozenset[int] = frozenset()
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        arr = array.array("I")
+        arr.frombytes(raw[: len(raw) - len(raw) % 4])
+        groups = frozenset(arr)
+    except OSError:
+        pass
+    return pid, uid, gid, groups
+
+
+class ControlServer:
+    """The select loop of the control process."""
+
+    def __init__(
+        self, listener: socket.socket, channel: Channel, settings: ControlSettings
+    ) -> None:
+        self.listener = listener
+        self.channel = channel
+        self.settings = settings
+        self.sel = selectors.DefaultSelector()
+        self.peers: dict[int, Peer] = {}
+        self.pending: dict[int, tuple[Peer, int | str | None, bool]] = {}
+        self.seq = 0
+        self.running = True
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, "accept")
+        self.sel.register(channel.sock, selectors.EVENT_READ, "channel")
+
+    def run(self) -> None:
+        while self.running:
+            timeout = self._next_timeout()
+            for key, events in self.sel.select(timeout):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "channel":
+                    self._from_supervisor()
+                else:
+                    peer = self.peers.get(key.fd)
+                    if peer is None:
+                        continue
+                    if events & selectors.EVENT_READ:
+                        self._read(peer)
+                    if events & selectors.EVENT_WRITE and key.fd in self.peers:
+                        self._flush(peer)
+            self._expire_idle()
+
+    # ------------------------------------------------------------ connections
+
+    def _next_timeout(self) -> float:
+        return max(0.1, min(1.0, self.settings.idle_timeout / 4))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            _, uid, gid, groups = peer_credentials(sock)
+            peer = Peer(sock, uid, gid, groups, last_active=time.monotonic())
+            if len(self.peers) >= self.settings.max_connections:
+                err = LimitExceeded(
+                    f"too many connections (limit {self.settings.max_connections}); try again"
+                )
+                self._queue(peer, protocol.error_response(None, err.to_error()))
+                peer.closing = True
+                with contextlib.suppress(OSError):
+                    sock.send(bytes(peer.outbuf))
+                sock.close()
+                continue
+            self.peers[sock.fileno()] = peer
+            self.sel.register(sock, selectors.EVENT_READ, "peer")
+
+    def _close(self, peer: Peer) -> None:
+        fd = peer.sock.fileno()
+        if fd in self.peers:
+            del self.peers[fd]
+            self.sel.unregister(peer.sock)
+        peer.sock.close()
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if now - peer.last_active > self.settings.idle_timeout:
+                self._close(peer)
+
+    def _read(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(peer)
+            return
+        if not data:
+            self._close(peer)
+            return
+        peer.last_active = time.monotonic()
+        if peer.closing:
+            return
+        peer.inbuf += data
+        while not peer.closing:
+            nl = peer.inbuf.find(b"\n")
+            if nl < 0:
+                if len(peer.inbuf) > self.settings.max_line:
+                    self._refuse_long_line(peer)
+                break
+            line = bytes(peer.inbuf[:nl])
+            del peer.inbuf[: nl + 1]
+            if len(line) > self.settings.max_line:
+                self._refuse_long_line(peer)
+                break
+            if line.strip():
+                self._handle_line(peer, line)
+
+    def _refuse_long_line(self, peer: Peer) -> None:
+        err = InvalidRequest(
+            f"request line longer than {self.settings.max_line} bytes; connection closed"
+        )
+        self._queue(peer, protocol.error_response(None, err.to_error()))
+        peer.inbuf.clear()
+        peer.closing = True
+
+    def _queue(self, peer: Peer, obj: dict[str, object]) -> None:
+        peer.outbuf += protocol.encode_line(obj)
+        if len(peer.outbuf) > MAX_OUTBUF:  # a client that never reads
+            self._close(peer)
+            return
+        self._flush(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        if peer.sock.fileno() < 0:
+            return
+        while peer.outbuf:
+            try:
+                sent = peer.sock.send(peer.outbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._close(peer)
+                return
+            del peer.outbuf[:sent]
+        if peer.sock.fileno() not in self.peers:
+            return
+        if peer.outbuf:
+            self.sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, "peer")
+        else:
+            self.sel.modify(peer.sock, selectors.EVENT_READ, "peer")
+            if peer.closing:
+                self._close(peer)
+
+    # ------------------------------------------------------------ requests
+
+    def _handle_line(self, peer: Peer, line: bytes) -> None:
+        rid: int | str | None = None
+        notification = False
+        try:
+            req = protocol.parse_request(line)
+            rid, notification = req.id, req.is_notification
+            spec = protocol.METHODS.get(req.method)
+            if spec is not None and not peer.may(spec.access, self.settings):
+                raise PermissionDenied(
+                    f"permission denied: {req.method} needs "
+                    + ("root or the admin group" if spec.access == "admin" else "the socket group")
+                    + f" (you are uid {peer.uid})",
+                    {"method": req.method, "uid": peer.uid},
+                )
+            command = protocol.parse_command(req.method, req.params)
+        except McrelayError as exc:
+            if isinstance(exc, InvalidRequest) and "id" in exc.data:
+                rid = exc.data.pop("id")
+            if not notification:
+                self._queue(peer, protocol.error_response(rid, exc.to_error()))
+            return
+        except Exception as exc:  # a bug must cost one request, never the process
+            log.exception("unexpected error parsing a request")
+            if not notification:
+                err = {"code": -32603, "message": f"internal error: {type(exc).__name__}"}
+                self._queue(peer, protocol.error_response(rid, err))
+            return
+        self.seq += 1
+        self.pending[self.seq] = (peer, rid, notification)
+        self.channel.send(Call(self.seq, command.method, command.params(), peer.uid))
+
+    def _from_supervisor(self) -> None:
+        try:
+            got = self.channel.recv()
+        except (EOFError, ConnectionError):
+            log.info("supervisor went away; exiting")
+            self.running = False
+            return
+        except ProtocolViolation as exc:
+            log.error("bad message from supervisor: %s", exc)
+            return
+        if got is None:
+            return
+        msg, fds = got
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, ControlSettings):
+            self.settings = msg
+            logging.getLogger().setLevel(msg.log_level.upper())
+            return
+        reply = expect(msg, Reply)
+        entry = self.pending.pop(reply.seq, None)
+        if entry is None:
+            return
+        peer, rid, notification = entry
+        if notification or peer.sock.fileno() < 0:
+            return
+        if reply.error is not None:
+            self._queue(peer, protocol.error_response(rid, reply.error))
+        else:
+            self._queue(peer, protocol.response(rid, reply.result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the control child process."""
+    parser = argparse.ArgumentParser(prog="mcrelay-control")
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--user", default="nobody")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="mcrelay-control: %(levelname)s %(message)s"
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    listener = socket.socket(fileno=args.listen_fd)
+    channel = Channel(socket.socket(fileno=args.channel_fd))
+    from .privileges import drop_privileges
+
+    if os.geteuid() == 0:
+        drop_privileges(args.user)
+    msg, _ = channel.recv_message()
+    settings = expect(msg, ControlSettings)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    ControlServer(listener, channel, settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`mcrelayd`: the daemon's command line. Foreground, logs to stderr, systemd style."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mcrelayd",
+        description="mcrelay daemon: kernel multicast routes and userspace relays.",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="settings file (default /etc/mcrelay/mcrelay.toml)"
+    )
+    p.add_argument("--socket", metavar="PATH", help="control socket path")
+    p.add_argument("--state", metavar="FILE", help="state file holding the rules")
+    p.add_argument("--workers", metavar="N", type=int, help="relay worker processes")
+    p.add_argument("--user", metavar="USER", help="user the children run as")
+    p.add_argument("--log-level", metavar="LEVEL", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"mcrelayd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("socket", args.socket),
+            ("state", args.state),
+            ("workers", args.workers),
+            ("user", args.user),
+            ("log_level", args.log_level),
+        )
+        if value is not None
+    }
+    # Imported late so `mcrelayd --help` works without pyroute2 installed.
+    from .config import load_settings
+
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"mcrelayd: {exc}", file=sys.stderr)
+        return 1
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=settings.log_level.upper(),
+        format=f"{stamp}mcrelayd: %(levelname)s %(message)s",
+    )
+    if os.geteuid() != 0:
+        logging.getLogger("mcrelay").warning(
+            "not running as root: kernel routes and AF_PACKET need CAP_NET_ADMIN and CAP_NET_RAW"
+        )
+    from .supervisor import Supervisor
+
+    return Supervisor(settings, args.config, overrides).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The rule service: executes validated commands against both engines and the state file.
+
+This is where "never lose a rule" is enforced. Every mutation is one
+transaction: the engines are changed first, then the state file is written;
+if any step fails, what was applied is undone in reverse order, so the kernel,
+the workers and the state file never disagree. Dry runs go through the same
+validation and planning and change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from . import __version__
+from .errors import NoSuchRule, RuleExists
+from .model import GroupJoin, Relay, Route, RouteKey, RuleSet
+from .protocol import (
+    ApplyCommand,
+    Command,
+    GroupCommand,
+    NameCommand,
+    RelayCommand,
+    RouteCommand,
+    RouteKeyCommand,
+)
+from .transaction import Transaction
+
+log = logging.getLogger("mcrelay.service")
+
+
+class KernelRoutes(Protocol):
+    """What the service needs of the kernel engine (kernel/engine.py)."""
+
+    def add_route(self, route: Route, dry_run: bool = False) -> None: ...
+    def del_route(self, key: RouteKey, dry_run: bool = False) -> None: ...
+    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> Any: ...
+    def routes(self) -> Sequence[Any]: ...
+
+
+class Relays(Protocol):
+    """What the service needs of the relay manager (relay/manager.py)."""
+
+    def add(self, relay: Relay, dry_run: bool = False) -> None: ...
+    def delete(self, name: str, dry_run: bool = False) -> None: ...
+    def replace(self, relays: Sequence[Relay], dry_run: bool = False) -> dict[str, list[Any]]: ...
+    def relays(self) -> list[dict[str, Any]]: ...
+    def workers(self) -> list[dict[str, Any]]: ...
+    def warnings(self) -> list[str]: ...
+    def trace_start(self, name: str) -> None: ...
+    def trace_stop(self, name: str) -> None: ...
+    def trace_read(self, name: str, cursor: int) -> tuple[list[dict[str, Any]], int]: ...
+
+
+class Groups(Protocol):
+    """Standing memberships the user asked for (`group join`)."""
+
+    def join(self, join: GroupJoin) -> None: ...
+    def leave(self, join: GroupJoin) -> None: ...
+    def list(self) -> list[dict[str, Any]]: ...
+
+
+class Store(Protocol):
+    def save(self, rules: RuleSet) -> None: ...
+
+
+class RuleService:
+    """Owns the current rule set; turns commands into engine changes plus a state write."""
+
+    def __init__(
+        self,
+        kernel: KernelRoutes,
+        relays: Relays,
+        groups: Groups,
+        store: Store,
+        status_extra: Callable[[], dict[str, Any]] | None = None,
+        interfaces: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.relay_engine = relays
+        self.groups = groups
+        self.store = store
+        self.rules = RuleSet()
+        self.started = time.monotonic()
+        self._status_extra = status_extra or dict
+        self._interfaces = interfaces or list
+
+    # ------------------------------------------------------------ start-up
+
+    def restore(self, rules: RuleSet) -> None:
+        """Install the rules read from the state file (raises if the kernel refuses)."""
+        with Transaction("restoring saved rules") as tx:
+            self.kernel.replace(rules.routes)
+            tx.on_failure("remove restored routes", lambda: self.kernel.replace(()))
+            self.relay_engine.replace(rules.relays)
+            tx.on_failure("remove restored relays", lambda: self.relay_engine.replace(()))
+            for g in rules.groups:
+                self.groups.join(g)
+                tx.on_failure(f"leave {g}", lambda g=g: self.groups.leave(g))  # type: ignore[misc]
+        self.rules = rules
+        log.info(
+            "restored %d route(s), %d relay(s), %d group(s)",
+            len(rules.routes),
+            len(rules.relays),
+            len(rules.groups),
+        )
+
+    # ------------------------------------------------------------ dispatch
+
+    def execute(self, cmd: Command) -> Any:
+        """Run one command; raises McrelayError subclasses for refusals."""
+        handler = getattr(self, "_" + cmd.method.replace(".", "_"))
+        return handler(cmd)
+
+    def _commit(self, new: RuleSet) -> None:
+        self.store.save(new)  # StateWriteFailed propagates and rolls the engines back
+        self.rules = new
+
+    # ------------------------------------------------------------ routes
+
+    def _route_add(self, cmd: RouteCommand) -> Any:
+        route = cmd.route
+        assert route is not None
+        if any(r.key == route.key for r in self.rules.routes):
+            raise RuleExists(str(route.key))
+        with Transaction(f"add {route.key}") as tx:
+            self.kernel.add_route(route, cmd.dry_run)
+            if not cmd.dry_run:
+                tx.on_failure("delete route", lambda: self.kernel.del_route(route.key))
+                self._commit(replace(self.rules, routes=(*self.rules.routes, route)))
+        return {"route": route.to_dict(), "dry_run": cmd.dry_run}
+
+    def _route_del(self, cmd: RouteKeyCommand) -> Any:
+        key = cmd.key
+        assert key is not None
+        old = next((r for r in self.rules.routes if r.key == key), None)
+        if old is None:
+            raise NoSuchRule(str(key))
+        with Transaction(f"delete {key}") as tx:
+            self.kernel.del_route(key, cmd.dry_run)
+            if not cmd.dry_run:
+                tx.on_failure("re-add route", lambda: self.kernel.add_route(old))
+                rest = tuple(r for r in self.rules.routes if r.key != key)
+                self._commit(replace(self.rules, routes=rest))
+        return {"route": old.to_dict(), "dry_run": cmd.dry_run}
+
+    def _route_list(self, cmd: Command) -> Any:
+        return {"routes": [s.to_dict() for s in self.kernel.routes()]}
+
+    # ------------------------------------------------------------ relays
+
+    def _relay_add(self, cmd: RelayCommand) -> Any:
+        relay = cmd.relay
+        assert relay is not None
+        for r in self.rules.relays:
+            if r.name == relay.name:
+                raise RuleExists(f"relay {relay.name!r}")
+            if r.input.key == relay.input.key:
+                raise RuleExists(
+                    f"relay input {relay.input.group}:{relay.input.port}@{relay.input.iif} "
+                    f"(used by relay {r.name!r})"
+                )
+        with Transaction(f"add relay {relay.name}") as tx:
+            self.relay_engine.add(relay, cmd.dry_run)
+            if not cmd.dry_run:
+                tx.on_failure("delete relay", lambda: self.relay_engine.delete(relay.name))
+                self._commit(replace(self.rules, relays=(*self.rules.relays, relay)))
+        return {"relay": relay.to_dict(), "dry_run": cmd.dry_run}
+
+    def _relay_del(self, cmd: NameCommand) -> Any:
+        old = next((r for r in self.rules.relays if r.name == cmd.name), None)
+        if old is None:
+            raise NoSuchRule(f"relay {cmd.name!r}")
+        with Transaction(f"delete relay {cmd.name}") as tx:
+            self.relay_engine.delete(cmd.name, cmd.dry_run)
+            if not cmd.dry_run:
+                tx.on_failure("re-add relay", lambda: self.relay_engine.add(old))
+                rest = tuple(r for r in self.rules.relays if r.name != cmd.name)
+                self._commit(replace(self.rules, relays=rest))
+        return {"relay": old.to_dict(), "dry_run": cmd.dry_run}
+
+    def _relay_list(self, cmd: Command) -> Any:
+        return {"relays": self.relay_engine.relays()}
+
+    def _worker_list(self, cmd: Command) -> Any:
+        return {"workers": self.relay_engine.workers()}
+
+    # ------------------------------------------------------------ groups
+
+    def _group_join(self, cmd: GroupCommand) -> Any:
+        join = cmd.join
+        assert join is not None
+        if join in self.rules.groups:
+            raise RuleExists(str(join))
+        if not cmd.dry_run:
+            with Transaction(f"join {join}") as tx:
+                self.groups.join(join)
+                tx.on_failure("leave", lambda: self.groups.leave(join))
+                self._commit(replace(self.rules, groups=(*self.rules.groups, join)))
+        return {"group": join.to_dict(), "dry_run": cmd.dry_run}
+
+    def _group_leave(self, cmd: GroupCommand) -> Any:
+        join = cmd.join
+        assert join is not None
+        if join not in self.rules.groups:
+            raise NoSuchRule(str(join))
+        if not cmd.dry_run:
+            with Transaction(f"leave {join}") as tx:
+                self.groups.leave(join)
+                tx.on_failure("re-join", lambda: self.groups.join(join))
+                rest = tuple(g for g in self.rules.groups if g != join)
+                self._commit(replace(self.rules, groups=rest))
+        return {"group": join.to_dict(), "dry_run": cmd.dry_run}
+
+    def _group_list(self, cmd: Command) -> Any:
+        return {"groups": self.groups.list()}
+
+    # ------------------------------------------------------------ whole set
+
+    def _config_apply(self, cmd: ApplyCommand) -> Any:
+        new, old = cmd.rules, self.rules
+        dry = cmd.dry_run
+        with Transaction("apply") as tx:
+            route_diff = self.kernel.replace(new.routes, dry)
+            if not dry:
+                tx.on_failure("restore routes", lambda: self.kernel.replace(old.routes))
+            relay_diff = self.relay_engine.replace(new.relays, dry)
+            if not dry:
+                tx.on_failure("restore relays", lambda: self.relay_engine.replace(old.relays))
+            group_diff = self._replace_groups(old.groups, new.groups, dry, tx)
+            if not dry:
+                self._commit(new)
+        return {
+            "diff": {
+                "routes": route_diff.to_dict() if hasattr(route_diff, "to_dict") else route_diff,
+                "relays": relay_diff,
+                "groups": group_diff,
+            },
+            "dry_run": dry,
+        }
+
+    def _replace_groups(
+        self,
+        old: Sequence[GroupJoin],
+        new: Sequence[GroupJoin],
+        dry: bool,
+        tx: Transaction,
+    ) -> dict[str, list[Any]]:
+        removed = [g for g in old if g not in new]
+        added = [g for g in new if g not in old]
+        if not dry:
+            for g in removed:
+                self.groups.leave(g)
+                tx.on_failure(f"re-join {g}", lambda g=g: self.groups.join(g))  # type: ignore[misc]
+            for g in added:
+                self.groups.join(g)
+                tx.on_failure(f"leave {g}", lambda g=g: self.groups.leave(g))  # type: ignore[misc]
+        return {
+            "added": [g.to_dict() for g in added],
+            "removed": [g.to_dict() for g in removed],
+            "changed": [],
+        }
+
+    def _config_export(self, cmd: Command) -> Any:
+        return {"version": 1, **self.rules.to_dict()}
+
+    # ------------------------------------------------------------ observation
+
+    def _interface_list(self, cmd: Command) -> Any:
+        return {"interfaces": self._interfaces()}
+
+    def _stats_get(self, cmd: Command) -> Any:
+        return {
+            "routes": self._route_list(cmd)["routes"],
+            "relays": self.relay_engine.relays(),
+            "workers": self.relay_engine.workers(),
+            "daemon": self._daemon_status(cmd),
+        }
+
+    def _daemon_status(self, cmd: Command) -> Any:
+        workers = self.relay_engine.workers()
+        status: dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 1),
+            "routes": len(self.rules.routes),
+            "relays": len(self.rules.relays),
+            "groups": len(self.rules.groups),
+            "workers": {
+                "configured": len(workers),
+                "running": sum(1 for w in workers if w.get("state") == "running"),
+                "restarts": sum(int(w.get("restarts", 0)) for w in workers),
+            },
+            "warnings": self.relay_engine.warnings(),
+        }
+        status.update(self._status_extra())
+        return status
+
+    # ------------------------------------------------------------ tracing
+
+    def _require_relay(self, name: str) -> None:
+        if not any(r.name == name for r in self.rules.relays):
+            raise NoSuchRule(f"relay {name!r}")
+
+    def _trace_start(self, cmd: NameCommand) -> Any:
+        self._require_relay(cmd.name)
+        self.relay_engine.trace_start(cmd.name)
+        return {"name": cmd.name, "tracing": True}
+
+    def _trace_stop(self, cmd: NameCommand) -> Any:
+        self._require_relay(cmd.name)
+        self.relay_engine.trace_stop(cmd.name)
+        return {"name": cmd.name, "tracing": False}
+
+    def _trace_read(self, cmd: NameCommand) -> Any:
+        self._require_relay(cmd.name)
+        records, cursor = self.relay_engine.trace_read(cmd.name, cmd.cursor)
+        return {"records": records, "cursor": cursor}
