@@ -188,6 +188,24 @@ class StateStore:
                 os.unlink(tmp)
             raise self._write_failed(e) from None
         self._sync_directory()
+        self._remove_stale_temp_files(base)
+
+    def _remove_stale_temp_files(self, base: str) -> None:
+        """Temp files of a save that crashed before its rename (our own names only)."""
+        prefix, suffix = f".{base}.", ".tmp"
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if (
+                name.startswith(prefix)
+                and name.endswith(suffix)
+                and name[len(prefix) : -4].isdigit()
+            ):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+                    log.info("removed %s left by an interrupted save", name)
 
     def _write_failed(self, e: OSError) -> StateWriteFailed:
         name = errno_mod.errorcode.get(e.errno or 0, str(e.errno))
