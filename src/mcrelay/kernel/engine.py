@@ -1,0 +1,668 @@
+"""The kernel route engine: static (S,G) and (*,G) routes in the kernel MFC.
+
+The engine keeps the wanted routes and a record of what it installed in the
+kernel (VIFs and MFC entries). Every change works the same way:
+
+1. build the *target* kernel state from the wanted routes, the known
+   interface indexes and the learned (*,G) sources;
+2. diff it against what is installed into a list of kernel steps
+   (delete MFC, delete VIF, add VIF, add/replace MFC, in that order so the
+   kernel never sees an entry whose VIFs are missing);
+3. run the steps; if one fails, undo the applied ones in reverse order and
+   re-raise, leaving routes, record and kernel as they were.
+
+``dry_run`` stops after step 2. Because the target is rebuilt from scratch,
+interface changes and retries after a failure need no special cases: the next
+change simply converges on the right state.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import KernelRefused, NoSuchRule, RuleExists, Unavailable, VifTableFull
+from ..model import Route, RouteKey
+from .mroute import MrouteApi, MrouteSocket, Upcall, UpcallKind
+from .vifs import VifTable
+
+log = logging.getLogger(__name__)
+
+State = Literal["active", "waiting"]
+Resolver = Callable[[str], int | None]
+SocketFactory = Callable[[int], MrouteApi]
+
+# Kernel answers to deleting something that is already gone (for instance a
+# VIF the kernel dropped itself when its interface was unregistered): the goal
+# of the step is reached, so they are not failures.
+_ALREADY_GONE = frozenset({errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
+
+MfcKey = tuple[int, str, str]  # (family, source, group)
+
+
+def _canon(addr: str) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+# ---------------------------------------------------------------- results
+
+
+def _route_dict(route: Route) -> dict[str, Any]:
+    return {
+        "iif": route.iif,
+        "source": route.source if route.source is not None else "*",
+        "group": route.group,
+        "oifs": [{"name": o.name, "ttl": o.ttl} for o in route.oifs],
+        "family": route.family,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedSource:
+    """A source learned for a (*,G) route, with its MFC entry's counters."""
+
+    source: str
+    packets: int
+    bytes: int
+    wrong_if: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"source": self.source, "packets": self.packets, "bytes": self.bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStatus:
+    """A route as the kernel sees it: installed or waiting, with counters."""
+
+    route: Route
+    state: State
+    packets: int = 0
+    bytes: int = 0
+    wrong_if: int = 0
+    learned: tuple[LearnedSource, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the route's fields plus state and counters)."""
+        d = _route_dict(self.route)
+        d.update(
+            state=self.state,
+            packets=self.packets,
+            bytes=self.bytes,
+            wrong_if=self.wrong_if,
+            learned=[ls.to_dict() for ls in self.learned],
+        )
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDiff:
+    """What a whole-set replace changes; ``changed`` holds the new versions."""
+
+    added: tuple[Route, ...] = ()
+    removed: tuple[Route, ...] = ()
+    changed: tuple[Route, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """True when the replace changes nothing."""
+        return not (self.added or self.removed or self.changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "added": [_route_dict(r) for r in self.added],
+            "removed": [_route_dict(r) for r in self.removed],
+            "changed": [_route_dict(r) for r in self.changed],
+        }
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True, slots=True)
+class MfcSpec:
+    """One MFC entry as installed: input slot and output (slot, ifindex, ttl).
+
+    Interface indexes are part of the value so that an interface re-created
+    under the same name (same slot, new index) makes the entry differ and be
+    rewritten.
+    """
+
+    parent: int
+    parent_ifindex: int
+    oifs: tuple[tuple[int, int, int], ...]
+
+    def ttls(self) -> dict[int, int]:
+        """Output slot -> TTL threshold, as the socket wants it."""
+        return {slot: ttl for slot, _ifindex, ttl in self.oifs}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One kernel change and the change that reverts it."""
+
+    what: str
+    do: Callable[[], None]
+    undo: Callable[[], None]
+
+    def __str__(self) -> str:
+        return self.what
+
+
+@dataclass(slots=True)
+class _Learned:
+    packets: int = 0
+    bytes: int = 0
+    wrong_if: int = 0
+    last_active: float = 0.0
+
+
+@dataclass(slots=True)
+class _KernelState:
+    vifs: dict[int, VifTable]
+    mfc: dict[MfcKey, MfcSpec] = field(default_factory=dict)
+    owner: dict[MfcKey, RouteKey] = field(default_factory=dict)
+    active: set[RouteKey] = field(default_factory=set)
+
+
+def run_transaction(steps: Sequence[Step]) -> None:
+    """Apply ``steps`` in order; on failure undo the applied ones in reverse and re-raise."""
+    done: list[Step] = []
+    try:
+        for step in steps:
+            step.do()
+            done.append(step)
+    except BaseException as exc:
+        log.warning("kernel step failed (%s); rolling back %d step(s)", exc, len(done))
+        for applied in reversed(done):
+            try:
+                applied.undo()
+            except Exception as undo_exc:  # keep undoing the rest; report the first error
+                log.error("rollback of %r failed: %s", str(applied), undo_exc)
+        raise
+
+
+# ---------------------------------------------------------------- engine
+
+
+class KernelEngine:
+    """Static multicast routes in the kernel MFC, IPv4 and IPv6.
+
+    ``resolve`` maps an interface name to its index (None when absent); it is
+    asked when a route names an interface the engine does not know yet, and
+    :meth:`interface_changed` keeps the answers current afterwards.
+    ``socket_factory`` opens the mroute socket of a family (tests pass a fake
+    kernel here).
+
+    Call :meth:`expire` periodically (a few times per ``learned_expiry``) to
+    age out learned (*,G) sources. IPv6 MFC entries carry no TTL thresholds,
+    so an output's ``ttl`` only matters for IPv4.
+    """
+
+    def __init__(
+        self,
+        resolve: Resolver,
+        learned_expiry: float = 60.0,
+        socket_factory: SocketFactory = MrouteSocket,
+    ) -> None:
+        self._resolve = resolve
+        self.learned_expiry = learned_expiry
+        self._factory = socket_factory
+        self._socks: dict[int, MrouteApi] = {}
+        self._unavailable: dict[int, KernelRefused] = {}
+        self._opened = False
+        self._routes: dict[RouteKey, Route] = {}
+        self._ifindex: dict[str, int | None] = {}
+        self._learned: dict[RouteKey, dict[str, _Learned]] = {}
+        self._k = _KernelState({4: VifTable(4), 6: VifTable(6)})
+        self._dirty = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Become the multicast router (MRT_INIT, MRT6_INIT) and install known routes.
+
+        IPv4 is required; if IPv6 multicast routing is unavailable the engine
+        logs it and runs IPv4 only, refusing IPv6 routes.
+        """
+        if self._opened:
+            return
+        self._socks[4] = self._factory(4)
+        try:
+            self._socks[6] = self._factory(6)
+        except (KernelRefused, OSError) as exc:
+            refused = (
+                exc
+                if isinstance(exc, KernelRefused)
+                else KernelRefused("MRT6_INIT", exc.errno or errno.EAFNOSUPPORT)
+            )
+            self._unavailable[6] = refused
+            log.warning("IPv6 multicast routing unavailable, running IPv4 only: %s", refused)
+        self._opened = True
+        if self._routes:
+            self._apply(self._routes, self._learned, strict=frozenset())
+
+    def close(self) -> None:
+        """Remove every MFC entry and VIF the engine installed, then MRT_DONE.
+
+        Best effort: a failing removal is logged and the rest still goes.
+        The wanted routes are kept, so a later :meth:`open` reinstalls them.
+        """
+        if not self._opened:
+            return
+        empty = _KernelState({f: VifTable(f) for f in (4, 6)})
+        for step in self._plan(self._k, empty):
+            try:
+                step.do()
+            except Exception as exc:
+                log.warning("cleanup step %r failed: %s", str(step), exc)
+        self._k = empty
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+        self._unavailable.clear()
+        self._opened = False
+
+    def fds(self) -> list[int]:
+        """The mroute sockets to watch for readability (upcalls)."""
+        return [sock.fileno() for sock in self._socks.values()]
+
+    def families(self) -> list[int]:
+        """The address families the engine can route right now."""
+        return sorted(self._socks)
+
+    # ------------------------------------------------------------ routes
+
+    def add_route(self, route: Route, dry_run: bool = False) -> None:
+        """Install one route; refused with RuleExists, VifTableFull or KernelRefused."""
+        self._require_family(route.family)
+        if route.key in self._routes:
+            raise RuleExists(str(route.key))
+        self._check_sg_conflict(route, self._routes.values())
+        self._learn_names([route])
+        routes = dict(self._routes)
+        routes[route.key] = route
+        self._apply(routes, self._learned, strict=frozenset({route.key}), dry_run=dry_run)
+
+    def del_route(self, key: RouteKey, dry_run: bool = False) -> None:
+        """Remove one route and whatever of it is in the kernel; NoSuchRule if unknown."""
+        if key not in self._routes:
+            raise NoSuchRule(str(key))
+        routes = {k: r for k, r in self._routes.items() if k != key}
+        learned = {k: v for k, v in self._learned.items() if k != key}
+        self._apply(routes, learned, strict=frozenset(), dry_run=dry_run)
+
+    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> RouteDiff:
+        """Make ``routes`` the whole route set in one transaction; return the diff.
+
+        Either every route is installed (or waiting for its input interface)
+        or nothing changes. Learned sources survive for (*,G) routes kept.
+        """
+        new: dict[RouteKey, Route] = {}
+        for route in routes:
+            self._require_family(route.family)
+            if route.key in new:
+                raise RuleExists(str(route.key))
+            self._check_sg_conflict(route, new.values())
+            new[route.key] = route
+        self._learn_names(routes)
+        diff = RouteDiff(
+            added=tuple(r for k, r in new.items() if k not in self._routes),
+            removed=tuple(r for k, r in self._routes.items() if k not in new),
+            changed=tuple(r for k, r in new.items() if k in self._routes and self._routes[k] != r),
+        )
+        learned = {k: v for k, v in self._learned.items() if k in new}
+        self._apply(new, learned, strict=frozenset(new), dry_run=dry_run)
+        return diff
+
+    def routes(self) -> list[RouteStatus]:
+        """Every wanted route with its state and kernel counters."""
+        return [self._status(route) for route in self._routes.values()]
+
+    def get(self, key: RouteKey) -> RouteStatus:
+        """One route's status; NoSuchRule if unknown."""
+        route = self._routes.get(key)
+        if route is None:
+            raise NoSuchRule(str(key))
+        return self._status(route)
+
+    def vifs(self, family: int) -> VifTable:
+        """A copy of the installed VIF (4) or MIF (6) table."""
+        return self._k.vifs[family].copy()
+
+    # ------------------------------------------------------------ interfaces
+
+    def interface_changed(self, name: str, ifindex: int | None) -> None:
+        """An interface appeared (index), vanished (None) or was re-created.
+
+        Routes using it are rebuilt: an absent input interface makes a route
+        ``waiting``; absent outputs are left out of its MFC entry until they
+        return. A route that no longer fits the VIF table waits too (logged).
+        """
+        if not any(name in _names(r) for r in self._routes.values()):
+            self._ifindex.pop(name, None)
+            return
+        if self._ifindex.get(name) == ifindex and not self._dirty:
+            return
+        self._ifindex[name] = ifindex
+        if self._opened:
+            self.resync()
+
+    @property
+    def needs_resync(self) -> bool:
+        """True after an interface change could not be applied (see :meth:`resync`)."""
+        return self._dirty
+
+    def resync(self) -> None:
+        """Converge the kernel on the wanted routes and known interfaces.
+
+        Interface changes happen whether or not the kernel accepts the
+        rebuild; when it refuses, the engine stays consistent with the old
+        kernel state and marks itself dirty. Calling this (for instance on a
+        timer while :attr:`needs_resync`) retries.
+        """
+        self._dirty = True
+        self._apply(self._routes, self._learned, strict=frozenset())
+        self._dirty = False
+
+    # ------------------------------------------------------------ upcalls
+
+    def handle_readable(self, fd: int, now: float) -> None:
+        """Read the upcalls queued on ``fd`` and learn sources for (*,G) routes."""
+        for sock in list(self._socks.values()):
+            if sock.fileno() == fd:
+                for upcall in sock.read_upcalls():
+                    self._on_upcall(upcall, now)
+
+    def _on_upcall(self, up: Upcall, now: float) -> None:
+        if up.kind != UpcallKind.NOCACHE:
+            log.debug("ignoring upcall %s", up)
+            return
+        vif = self._k.vifs[up.family].by_slot(up.vif)
+        if vif is None:
+            return
+        group, source = _canon(up.group), _canon(up.source)
+        key = RouteKey(vif.name, None, group)
+        route = self._routes.get(key)
+        if route is None or key not in self._k.active:
+            log.debug("no active (*,G) route for %s", up)
+            return
+        mkey: MfcKey = (up.family, source, group)
+        if mkey in self._k.mfc:
+            return
+        spec = self._spec(route, self._k.vifs[up.family])
+        if spec is None:
+            return
+        sock = self._socks[up.family]
+        try:
+            sock.add_mfc(source, group, spec.parent, spec.ttls())
+        except KernelRefused as exc:
+            log.warning("could not install learned (%s, %s) for %s: %s", source, group, key, exc)
+            return
+        self._k.mfc[mkey] = spec
+        self._k.owner[mkey] = key
+        self._learned.setdefault(key, {})[source] = _Learned(last_active=now)
+        log.info("learned source %s for %s", source, key)
+
+    def expire(self, now: float) -> list[tuple[RouteKey, str]]:
+        """Remove learned (S,G) entries whose packet counter stood still too long.
+
+        Returns the (route, source) pairs removed. A removed source is learned
+        again by the next packet's upcall.
+        """
+        removed: list[tuple[RouteKey, str]] = []
+        for key, sources in list(self._learned.items()):
+            family = 6 if ":" in key.group else 4
+            for source, rec in list(sources.items()):
+                mkey: MfcKey = (family, source, key.group)
+                installed = self._k.owner.get(mkey) == key
+                count = self._count(mkey) if installed else None
+                if count is not None and count[0] != rec.packets:
+                    rec.packets, rec.bytes, rec.wrong_if = count
+                    rec.last_active = now
+                    continue
+                if now - rec.last_active < self.learned_expiry:
+                    continue
+                if installed:
+                    try:
+                        self._del_mfc(family, source, key.group)
+                    except KernelRefused as exc:
+                        log.warning("could not expire (%s, %s): %s", source, key.group, exc)
+                        continue
+                    del self._k.mfc[mkey]
+                    del self._k.owner[mkey]
+                del sources[source]
+                removed.append((key, source))
+                log.info("expired idle source %s of %s", source, key)
+            if not sources:
+                del self._learned[key]
+        return removed
+
+    # ------------------------------------------------------------ internals
+
+    def _require_family(self, family: int) -> None:
+        if not self._opened:
+            raise Unavailable("the kernel route engine is not open")
+        if family not in self._socks:
+            refused = self._unavailable.get(family)
+            raise refused or KernelRefused("MRT6_INIT", errno.EAFNOSUPPORT)
+
+    @staticmethod
+    def _check_sg_conflict(route: Route, others: Iterable[Route]) -> None:
+        # The kernel keys MFC entries by (S,G) alone: one (S,G) can have one iif.
+        if route.source is None:
+            return
+        for other in others:
+            if other.source == route.source and other.group == route.group:
+                raise RuleExists(str(other.key))
+
+    def _learn_names(self, routes: Iterable[Route]) -> None:
+        for route in routes:
+            for name in _names(route):
+                if name not in self._ifindex:
+                    self._ifindex[name] = self._resolve(name)
+
+    def _spec(self, route: Route, vifs: VifTable) -> MfcSpec | None:
+        iif = vifs.get(route.iif)
+        if iif is None:
+            return None
+        oifs = []
+        for oif in route.oifs:
+            vif = vifs.get(oif.name)
+            if vif is not None:
+                oifs.append((vif.slot, vif.ifindex, oif.ttl))
+        return MfcSpec(iif.slot, iif.ifindex, tuple(sorted(oifs)))
+
+    def _target(
+        self,
+        routes: Mapping[RouteKey, Route],
+        learned: Mapping[RouteKey, Mapping[str, _Learned]],
+        strict: frozenset[RouteKey],
+    ) -> _KernelState:
+        wanted = {n for r in routes.values() for n in _names(r)}
+        vifs = {f: t.planning_copy(wanted) for f, t in self._k.vifs.items()}
+        target = _KernelState(vifs)
+        active: list[Route] = []
+        for route in routes.values():
+            if route.family not in self._socks:
+                continue
+            if self._ifindex.get(route.iif) is None:
+                continue
+            table = vifs[route.family]
+            present = [(n, idx) for n in _names(route) if (idx := self._ifindex.get(n)) is not None]
+            taken: list[str] = []
+            try:
+                for name, idx in present:
+                    table.acquire(name, idx)
+                    taken.append(name)
+            except VifTableFull:
+                for name in taken:
+                    table.release(name)
+                if route.key in strict:
+                    raise
+                log.warning("%s waits: the IPv%d VIF table is full", route.key, route.family)
+                continue
+            active.append(route)
+            target.active.add(route.key)
+        for route in active:
+            if route.source is not None:
+                spec = self._spec(route, vifs[route.family])
+                assert spec is not None
+                mkey = (route.family, route.source, route.group)
+                target.mfc[mkey] = spec
+                target.owner[mkey] = route.key
+        for route in active:
+            if route.source is None:
+                spec = self._spec(route, vifs[route.family])
+                assert spec is not None
+                for source in learned.get(route.key, {}):
+                    mkey = (route.family, source, route.group)
+                    if mkey not in target.mfc:
+                        target.mfc[mkey] = spec
+                        target.owner[mkey] = route.key
+        return target
+
+    def _plan(self, cur: _KernelState, new: _KernelState) -> list[Step]:
+        steps: list[Step] = []
+        for mkey, spec in cur.mfc.items():
+            if mkey not in new.mfc:
+                steps.append(self._step_del_mfc(mkey, spec))
+        for family in (4, 6):
+            old_t, new_t = cur.vifs[family], new.vifs[family]
+            for vif in old_t:
+                nv = new_t.get(vif.name)
+                if nv is None or (nv.slot, nv.ifindex) != (vif.slot, vif.ifindex):
+                    steps.append(self._step_del_vif(family, vif.slot, vif.ifindex, vif.name))
+            for vif in new_t:
+                ov = old_t.get(vif.name)
+                if ov is None or (ov.slot, ov.ifindex) != (vif.slot, vif.ifindex):
+                    steps.append(self._step_add_vif(family, vif.slot, vif.ifindex, vif.name))
+        for mkey, spec in new.mfc.items():
+            old = cur.mfc.get(mkey)
+            if old != spec:
+                steps.append(self._step_add_mfc(mkey, spec, old))
+        return steps
+
+    def _apply(
+        self,
+        routes: Mapping[RouteKey, Route],
+        learned: Mapping[RouteKey, dict[str, _Learned]],
+        strict: frozenset[RouteKey],
+        dry_run: bool = False,
+    ) -> list[Step]:
+        target = self._target(routes, learned, strict)
+        steps = self._plan(self._k, target)
+        if dry_run:
+            return steps
+        run_transaction(steps)
+        self._k = target
+        self._routes = dict(routes)
+        self._learned = dict(learned)
+        referenced = {n for r in self._routes.values() for n in _names(r)}
+        self._ifindex = {n: i for n, i in self._ifindex.items() if n in referenced}
+        if steps:
+            log.debug("applied %d kernel step(s): %s", len(steps), "; ".join(map(str, steps)))
+        return steps
+
+    # ------------------------------------------------------------ steps
+
+    def _del_mfc(self, family: int, source: str, group: str) -> None:
+        try:
+            self._socks[family].del_mfc(source, group)
+        except KernelRefused as exc:
+            if exc.errno not in _ALREADY_GONE:
+                raise
+            log.debug("MFC (%s, %s) was already gone", source, group)
+
+    def _add_mfc(self, family: int, source: str, group: str, spec: MfcSpec) -> None:
+        self._socks[family].add_mfc(source, group, spec.parent, spec.ttls())
+
+    def _step_del_mfc(self, mkey: MfcKey, spec: MfcSpec) -> Step:
+        f, src, grp = mkey
+        return Step(
+            f"del MFC ({src}, {grp})",
+            lambda: self._del_mfc(f, src, grp),
+            lambda: self._add_mfc(f, src, grp, spec),
+        )
+
+    def _step_add_mfc(self, mkey: MfcKey, spec: MfcSpec, old: MfcSpec | None) -> Step:
+        f, src, grp = mkey
+        if old is None:
+            return Step(
+                f"add MFC ({src}, {grp}) iif slot {spec.parent} oifs {sorted(spec.ttls())}",
+                lambda: self._add_mfc(f, src, grp, spec),
+                lambda: self._del_mfc(f, src, grp),
+            )
+        return Step(
+            f"update MFC ({src}, {grp}) iif slot {spec.parent} oifs {sorted(spec.ttls())}",
+            lambda: self._add_mfc(f, src, grp, spec),
+            lambda: self._add_mfc(f, src, grp, old),
+        )
+
+    def _del_vif(self, family: int, slot: int) -> None:
+        try:
+            self._socks[family].del_vif(slot)
+        except KernelRefused as exc:
+            if exc.errno not in _ALREADY_GONE:
+                raise
+            log.debug("IPv%d VIF %d was already gone", family, slot)
+
+    def _step_add_vif(self, family: int, slot: int, ifindex: int, name: str) -> Step:
+        sock = self._socks[family]
+        return Step(
+            f"add IPv{family} VIF {slot} = {name} (ifindex {ifindex})",
+            lambda: sock.add_vif(slot, ifindex),
+            lambda: self._del_vif(family, slot),
+        )
+
+    def _step_del_vif(self, family: int, slot: int, ifindex: int, name: str) -> Step:
+        sock = self._socks[family]
+        return Step(
+            f"del IPv{family} VIF {slot} = {name} (ifindex {ifindex})",
+            lambda: self._del_vif(family, slot),
+            lambda: sock.add_vif(slot, ifindex),
+        )
+
+    # ------------------------------------------------------------ status
+
+    def _count(self, mkey: MfcKey) -> tuple[int, int, int] | None:
+        sock = self._socks.get(mkey[0])
+        if sock is None:
+            return None
+        try:
+            c = sock.sg_count(mkey[1], mkey[2])
+        except KernelRefused as exc:
+            log.debug("counters of %s unavailable: %s", mkey, exc)
+            return None
+        return None if c is None else (c.packets, c.bytes, c.wrong_if)
+
+    def _status(self, route: Route) -> RouteStatus:
+        if route.key not in self._k.active:
+            return RouteStatus(route, "waiting")
+        if route.source is not None:
+            sg = self._count((route.family, route.source, route.group)) or (0, 0, 0)
+            return RouteStatus(route, "active", *sg)
+        learned: list[LearnedSource] = []
+        for source, rec in self._learned.get(route.key, {}).items():
+            mkey = (route.family, source, route.group)
+            c = self._count(mkey) if self._k.owner.get(mkey) == route.key else None
+            if c is None:
+                c = (rec.packets, rec.bytes, rec.wrong_if)
+            learned.append(LearnedSource(source, *c))
+        return RouteStatus(
+            route,
+            "active",
+            sum(ls.packets for ls in learned),
+            sum(ls.bytes for ls in learned),
+            sum(ls.wrong_if for ls in learned),
+            tuple(learned),
+        )
+
+
+def _names(route: Route) -> list[str]:
+    return [route.iif, *(o.name for o in route.oifs)]
