@@ -321,9 +321,10 @@ def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
                     human(_get(out, "errors"), verbose),
                 ]
             )
-        if verbose and isinstance(drops, Mapping) and drops:
-            detail = " ".join(f"{k}={drops[k]}" for k in sorted(drops))
-            rows.append(["", "", "", f"drops: {detail}", "", "", ""])
+        if verbose and isinstance(drops, Mapping):
+            detail = " ".join(f"{k}={drops[k]}" for k in sorted(drops) if drops[k])
+            if detail:  # only the reasons that happened
+                rows.append(["", "", "", f"drops: {detail}", "", "", ""])
     return table(cols, rows)
 
 
@@ -421,8 +422,8 @@ def status_text(status: Mapping[str, Any]) -> str:
         ("state file", str(_get(status, "state_file", MISSING))),
         (
             "rules",
-            f"{_get(status, 'routes', MISSING)} routes, {_get(status, 'relays', MISSING)} relays, "
-            f"{_get(status, 'groups', MISSING)} group joins",
+            f"{_count(status, 'routes', 'route')}, {_count(status, 'relays', 'relay')}, "
+            f"{_count(status, 'groups', 'group join')}",
         ),
     ]
     if isinstance(workers, Mapping):
@@ -448,6 +449,11 @@ def status_text(status: Mapping[str, Any]) -> str:
     for warning in _list(status, "warnings"):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def _count(obj: Any, key: str, noun: str) -> str:
+    n = _get(obj, key, MISSING)
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _yes(value: Any) -> str:

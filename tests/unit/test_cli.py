@@ -1,0 +1,755 @@
+"""The ``mcrelay`` command against a fake daemon: argv -> the JSON-RPC request, exit codes, output.
+
+These tests pin the command-line contract of DESIGN.md: what each command
+sends, what it prints, and that exit codes mean 0 ok / 1 refused / 2 no daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from test_client import FakeDaemon, RpcError, echo_route
+
+from mcrelay import cli, cli_format
+from mcrelay.errors import INVALID_PARAMS, NO_SUCH_RULE
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+class Mcrelay(Protocol):
+    def __call__(self, *argv: str) -> Run: ...
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    fake = FakeDaemon(tmp_path / "mcrelay.sock")
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def mcrelay(
+    daemon: FakeDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Mcrelay:
+    """Run `mcrelay ARGV...` with MCRELAY_SOCKET pointing at the fake daemon."""
+    monkeypatch.setenv("MCRELAY_SOCKET", daemon.path)
+
+    def run(*argv: str) -> Run:
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+ROUTES = [
+    {
+        "iif": "eth0",
+        "source": "*",
+        "group": "239.1.1.1",
+        "oifs": [{"name": "eth1", "ttl": 1}, {"name": "eth2", "ttl": 8}],
+        "family": 4,
+        "state": "active",
+        "packets": 1234,
+        "bytes": 1_664_000,
+        "wrong_if": 0,
+        "learned": [{"source": "10.0.0.5", "packets": 1234, "bytes": 1_664_000}],
+    },
+    {
+        "iif": "eth0",
+        "source": "10.0.0.1",
+        "group": "239.1.1.10",
+        "oifs": [{"name": "eth1", "ttl": 1}],
+        "family": 4,
+        "state": "waiting",
+        "packets": 5,
+        "bytes": 6580,
+        "wrong_if": 2,
+        "learned": [],
+    },
+]
+
+RELAYS = [
+    {
+        "name": "tv1",
+        "input": {"iif": "eth0", "group": "239.1.1.1", "port": 5000},
+        "outputs": [
+            {
+                "address": "239.2.2.2",
+                "port": 6000,
+                "oif": "eth1",
+                "ttl": 16,
+                "dscp": 46,
+                "packets": 1200,
+                "bytes": 1_579_200,
+                "errors": 0,
+            },
+            {
+                "address": "192.0.2.10",
+                "port": 7000,
+                "oif": None,
+                "ttl": 64,
+                "dscp": 0,
+                "packets": 1200,
+                "bytes": 1_579_200,
+                "errors": 3,
+            },
+        ],
+        "mode": "packet",
+        "state": "active",
+        "packets": 1200,
+        "bytes": 1_579_200,
+        "drops": {"no_buffer": 0, "send_error": 3, "fragment": 0, "filtered": 0, "queue": 0},
+    }
+]
+
+
+# ---------------------------------------------------------------- route add / del
+
+
+def test_route_add_without_source_is_star_g(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    run = mcrelay("route", "add", "eth0", "239.1.1.1", "eth1", "eth2")
+    assert run.code == 0
+    assert daemon.last("route.add")["params"] == {
+        "iif": "eth0",
+        "group": "239.1.1.1",
+        "oifs": ["eth1", "eth2"],
+        "dry_run": False,
+    }
+    assert run.out == "added route (*, 239.1.1.1) on eth0 -> eth1,eth2\n"
+
+
+def test_route_add_with_unicast_second_word_is_s_g(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    assert mcrelay("route", "add", "eth0", "10.0.0.1", "239.1.1.1", "eth1").code == 0
+    assert daemon.last("route.add")["params"] == {
+        "iif": "eth0",
+        "source": "10.0.0.1",
+        "group": "239.1.1.1",
+        "oifs": ["eth1"],
+        "dry_run": False,
+    }
+
+
+def test_route_add_ipv6_s_g(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    assert mcrelay("route", "add", "eth0", "2001:db8::1", "ff3e::10", "eth1", "eth2").code == 0
+    params = daemon.last("route.add")["params"]
+    assert (params["source"], params["group"], params["oifs"]) == (
+        "2001:db8::1",
+        "ff3e::10",
+        ["eth1", "eth2"],
+    )
+
+
+def test_route_add_ttl_threshold_turns_a_name_into_name_and_ttl(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    daemon.replies["route.add"] = echo_route
+    run = mcrelay("route", "add", "eth0", "239.1.1.1", "eth1", "eth2", "--ttl-threshold", "eth2=8")
+    assert run.code == 0
+    assert daemon.last("route.add")["params"]["oifs"] == ["eth1", {"name": "eth2", "ttl": 8}]
+    assert run.out == "added route (*, 239.1.1.1) on eth0 -> eth1,eth2(ttl=8)\n"
+
+
+def test_route_add_ttl_threshold_for_an_unknown_oif_is_refused(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    run = mcrelay("route", "add", "eth0", "239.1.1.1", "eth1", "--ttl-threshold", "eth9=8")
+    assert run.code == 1
+    assert "ttl-threshold" in run.err and "eth1" in run.err
+    assert daemon.requests == []
+
+
+def test_route_add_dry_run_says_nothing_changed(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    run = mcrelay("route", "add", "eth0", "239.1.1.1", "eth1", "--dry-run")
+    assert run.code == 0
+    assert daemon.last("route.add")["params"]["dry_run"] is True
+    assert run.out == (
+        "would add route (*, 239.1.1.1) on eth0 -> eth1\ndry run: nothing was changed\n"
+    )
+
+
+def test_route_add_second_word_not_an_address_is_refused_locally(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    run = mcrelay("route", "add", "eth0", "eth1", "239.1.1.1")
+    assert run.code == 1
+    assert run.err.startswith("mcrelay: group: 'eth1' is not an IP address")
+    assert daemon.requests == []
+
+
+def test_route_add_without_oif_is_refused_locally(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    run = mcrelay("route", "add", "eth0", "10.0.0.1", "239.1.1.1")
+    assert run.code == 1
+    assert "oifs: at least one output interface is required" in run.err
+    assert daemon.requests == []
+
+
+def test_route_del_star_g_and_s_g(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.del"] = echo_route
+    assert mcrelay("route", "del", "eth0", "239.1.1.1").code == 0
+    assert daemon.last("route.del")["params"] == {
+        "iif": "eth0",
+        "group": "239.1.1.1",
+        "dry_run": False,
+    }
+    run = mcrelay("route", "del", "eth0", "10.0.0.1", "239.1.1.1")
+    assert daemon.last("route.del")["params"] == {
+        "iif": "eth0",
+        "source": "10.0.0.1",
+        "group": "239.1.1.1",
+        "dry_run": False,
+    }
+    assert run.out == "deleted route (10.0.0.1, 239.1.1.1) on eth0\n"
+
+
+def test_server_refusal_exits_1_with_the_server_message(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    message = (
+        "group: 224.0.0.5 is link-local (224.0.0.0/24): the kernel never forwards it; "
+        "use a relay to carry it between segments"
+    )
+    daemon.replies["route.add"] = RpcError(INVALID_PARAMS, message, {"field": "group"})
+    run = mcrelay("route", "add", "eth0", "224.0.0.5", "eth1")
+    assert run.code == 1
+    assert run.out == ""
+    assert run.err == f"mcrelay: {message}\n"
+
+
+def test_verbose_refusal_adds_the_error_code(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["relay.del"] = RpcError(NO_SUCH_RULE, "no such rule: relay tv9")
+    run = mcrelay("-v", "relay", "del", "tv9")
+    assert run.code == 1
+    assert "mcrelay: no such rule: relay tv9 (error -32002)" in run.err
+    # -v also shows the JSON-RPC exchange, like curl -v
+    assert '> {"jsonrpc":"2.0","id":1,"method":"relay.del"' in run.err
+
+
+# ---------------------------------------------------------------- relay add / del
+
+
+def test_relay_add_ipv4_unicast_and_multicast_outputs(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["relay.add"] = {"relay": RELAYS[0], "dry_run": False}
+    run = mcrelay(
+        "relay",
+        "add",
+        "tv1",
+        "--in",
+        "239.1.1.1:5000@eth0",
+        "--out",
+        "239.2.2.2:6000@eth1,ttl=16,dscp=EF",
+        "--out",
+        "192.0.2.10:7000",
+    )
+    assert run.code == 0
+    assert daemon.last("relay.add")["params"] == {
+        "name": "tv1",
+        "input": {"iif": "eth0", "group": "239.1.1.1", "port": 5000},
+        "outputs": [
+            {"address": "239.2.2.2", "port": 6000, "oif": "eth1", "ttl": 16, "dscp": 46},
+            {"address": "192.0.2.10", "port": 7000},
+        ],
+        "dry_run": False,
+    }
+    assert run.out == (
+        "added relay tv1: 239.1.1.1:5000@eth0 -> 239.2.2.2:6000@eth1,ttl=16,dscp=EF "
+        "192.0.2.10:7000,ttl=64 (packet)\n"
+    )
+
+
+def test_relay_add_ipv6_brackets_mode_and_sources(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["relay.add"] = {"relay": {}, "dry_run": False}
+    run = mcrelay(
+        "relay",
+        "add",
+        "v6feed",
+        "--in",
+        "[ff3e::1]:5000@eth0",
+        "--out",
+        "[ff3e::10]:6000@eth2,ttl=16,dscp=af41",
+        "--out",
+        "[2001:db8::10]:7000,dscp=10",
+        "--mode",
+        "socket",
+        "--source",
+        "2001:db8::1",
+        "2001:db8::2",
+    )
+    assert run.code == 0, run.err
+    assert daemon.last("relay.add")["params"] == {
+        "name": "v6feed",
+        "input": {
+            "iif": "eth0",
+            "group": "ff3e::1",
+            "port": 5000,
+            "sources": ["2001:db8::1", "2001:db8::2"],
+        },
+        "outputs": [
+            {"address": "ff3e::10", "port": 6000, "oif": "eth2", "ttl": 16, "dscp": 34},
+            {"address": "2001:db8::10", "port": 7000, "dscp": 10},
+        ],
+        "mode": "socket",
+        "dry_run": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ("239.2.2.2", "outputs[0]: cannot parse '239.2.2.2'"),
+        ("ff3e::10:6000@eth1", "outputs[0]: cannot parse 'ff3e::10:6000@eth1'"),
+        ("239.2.2.2:0@eth1", "outputs[0].port: must be 1-65535, got 0"),
+        ("239.2.2.2:6000@eth1,ttl=300", "outputs[0].ttl: must be 1-255, got 300"),
+        ("239.2.2.2:6000@eth1,dscp=XX", "outputs[0].dscp: unknown DSCP class 'XX'"),
+        ("239.2.2.2:6000@eth1,tos=4", "outputs[0]: unknown option 'tos=4'"),
+    ],
+)
+def test_malformed_output_spec_exits_1_naming_the_field(
+    daemon: FakeDaemon, mcrelay: Mcrelay, spec: str, field: str
+) -> None:
+    run = mcrelay("relay", "add", "tv1", "--in", "239.1.1.1:5000@eth0", "--out", spec)
+    assert run.code == 1
+    assert run.err.startswith(f"mcrelay: {field}")
+    assert daemon.requests == []
+
+
+def test_input_without_interface_is_refused(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    run = mcrelay("relay", "add", "tv1", "--in", "239.1.1.1:5000", "--out", "192.0.2.1:7000")
+    assert run.code == 1
+    assert "input.iif: the input needs an interface: GROUP:PORT@IIF" in run.err
+
+
+def test_relay_del(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["relay.del"] = {"relay": {"name": "tv1"}, "dry_run": True}
+    run = mcrelay("--dry-run", "relay", "del", "tv1")
+    assert daemon.last("relay.del")["params"] == {"name": "tv1", "dry_run": True}
+    assert run.out == "would delete relay tv1\ndry run: nothing was changed\n"
+
+
+# ---------------------------------------------------------------- group join / leave
+
+
+def test_group_join_ssm_and_leave_asm(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["group.join"] = lambda p: {"group": p, "dry_run": False}
+    daemon.replies["group.leave"] = lambda p: {"group": p, "dry_run": False}
+    run = mcrelay("group", "join", "eth0", "232.1.1.1", "10.0.0.1")
+    assert daemon.last("group.join")["params"] == {
+        "iface": "eth0",
+        "group": "232.1.1.1",
+        "source": "10.0.0.1",
+        "dry_run": False,
+    }
+    assert run.out == "joined group 232.1.1.1 from 10.0.0.1 on eth0\n"
+    run = mcrelay("group", "leave", "eth0", "239.255.255.250")
+    assert daemon.last("group.leave")["params"] == {
+        "iface": "eth0",
+        "group": "239.255.255.250",
+        "dry_run": False,
+    }
+    assert run.out == "left group 239.255.255.250 on eth0\n"
+
+
+# ---------------------------------------------------------------- exit codes, globals
+
+
+def test_unreachable_daemon_exits_2_naming_socket_and_how_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "nothing-here.sock")
+    code = cli.main(["--socket", path, "status"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot reach mcrelayd at {path}: no such socket" in err
+    assert "systemctl start mcrelay" in err and "mcrelayd" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["route"],
+        ["route", "add", "eth0"],
+        ["show", "everything"],
+        ["relay", "add", "tv1", "--out", "192.0.2.1:7000"],
+        ["stats", "--watch", "soon"],
+        ["-o", "xml", "show"],
+    ],
+)
+def test_usage_errors_exit_1_with_usage(mcrelay: Mcrelay, argv: list[str]) -> None:
+    run = mcrelay(*argv)
+    assert run.code == 1
+    assert run.err.startswith("usage: mcrelay")
+    assert "mcrelay: " in run.err.splitlines()[-1]
+
+
+def test_help_exits_0(mcrelay: Mcrelay) -> None:
+    run = mcrelay("route", "add", "--help")
+    assert run.code == 0
+    assert "mcrelay route add IIF [SOURCE] GROUP OIF [OIF...]" in run.out
+
+
+def test_global_options_before_or_after_the_subcommand(
+    daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    daemon.replies["route.list"] = {"routes": ROUTES}
+    before = mcrelay("-o", "json", "show", "routes")
+    after = mcrelay("show", "routes", "--output", "json")
+    assert before.code == after.code == 0
+    assert before.out == after.out
+    # --socket after the subcommand wins over MCRELAY_SOCKET
+    run = mcrelay("status", "--socket", str(tmp_path / "other.sock"))
+    assert run.code == 2 and "other.sock" in run.err
+
+
+# ---------------------------------------------------------------- show
+
+
+def test_json_output_is_the_server_result_sorted_and_indented(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    daemon.replies["route.list"] = {"routes": ROUTES}
+    run = mcrelay("show", "routes", "-o", "json")
+    assert json.loads(run.out) == {"routes": ROUTES}
+    assert run.out == json.dumps({"routes": ROUTES}, sort_keys=True, indent=2) + "\n"
+
+
+def test_routes_table_aligns_columns_and_humanises_counters(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    daemon.replies["route.list"] = {"routes": ROUTES}
+    run = mcrelay("show", "routes")
+    assert run.out == (
+        "IIF   SOURCE    GROUP       OIFS              STATE    PACKETS  BYTES  WRONG-IF\n"
+        "eth0  *         239.1.1.1   eth1,eth2(ttl=8)  active      1.2k   1.7M         0\n"
+        "eth0  10.0.0.1  239.1.1.10  eth1              waiting        5   6.6k         2\n"
+    )
+
+
+def test_verbose_routes_table_has_exact_counters_and_learned_sources(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    daemon.replies["route.list"] = {"routes": ROUTES}
+    lines = mcrelay("show", "routes", "-v").out.splitlines()
+    assert lines[1].split() == [
+        "eth0",
+        "*",
+        "239.1.1.1",
+        "eth1,eth2(ttl=8)",
+        "active",
+        "1234",
+        "1664000",
+        "0",
+    ]
+    assert lines[2].split() == ["10.0.0.5", "learned", "1234", "1664000"]
+
+
+def test_relays_table_lists_outputs_under_their_relay(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["relay.list"] = {"relays": RELAYS}
+    run = mcrelay("show", "relays")
+    assert run.out == (
+        "NAME  STATE   MODE    INPUT / OUTPUTS                        PACKETS  BYTES  DROPS\n"
+        "tv1   active  packet  239.1.1.1:5000@eth0                       1.2k   1.6M      3\n"
+        "                      -> 239.2.2.2:6000@eth1,ttl=16,dscp=EF     1.2k   1.6M      0\n"
+        "                      -> 192.0.2.10:7000,ttl=64                 1.2k   1.6M      3\n"
+    )
+
+
+def test_show_defaults_to_routes_and_relays(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.list"] = {"routes": ROUTES}
+    daemon.replies["relay.list"] = {"relays": []}
+    run = mcrelay("show")
+    assert run.code == 0
+    assert run.out.startswith("Routes (2):\nIIF ")
+    assert run.out.endswith("\n\nRelays: none\n")
+    assert daemon.methods() == ["route.list", "relay.list"]
+
+
+def test_show_interfaces_with_free_vif_slots(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["interface.list"] = {
+        "interfaces": [
+            {"name": "eth1", "ifindex": 3, "up": False, "addresses": [], "vif4": None},
+            {"name": "eth0", "ifindex": 2, "up": True, "addresses": ["192.0.2.1/24"], "vif4": 0},
+        ]
+    }
+    assert mcrelay("show", "interfaces").out == (
+        "NAME  INDEX  STATE  VIF4  VIF6  ADDRESSES\n"
+        "eth0      2  up        0     -  192.0.2.1/24\n"
+        "eth1      3  down      -     -  -\n"
+    )
+
+
+def test_show_empty_list(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["group.list"] = {"groups": []}
+    assert mcrelay("show", "groups").out == "no groups\n"
+
+
+def test_human_units() -> None:
+    assert [cli_format.human(n) for n in (0, 999, 1234, 12_345, 123_456, 3_400_000)] == [
+        "0",
+        "999",
+        "1.2k",
+        "12.3k",
+        "123k",
+        "3.4M",
+    ]
+    assert cli_format.human(5_600_000_000) == "5.6G"
+    assert cli_format.human(3_400_000, exact=True) == "3400000"
+    assert cli_format.human(None) == "-"
+
+
+# ---------------------------------------------------------------- status, stats
+
+
+STATUS = {
+    "version": "0.1.0",
+    "pid": 42,
+    "uptime": 7384,
+    "socket": "/run/mcrelay/mcrelay.sock",
+    "state_file": "/var/lib/mcrelay/state.json",
+    "routes": 2,
+    "relays": 1,
+    "groups": 0,
+    "workers": {"configured": 2, "running": 2, "restarts": 1},
+    "kernel": {"ipv4": True, "ipv6": False},
+    "warnings": ["rp_filter on eth0 drops relay tv2 (socket mode)"],
+}
+
+
+def test_status_summary(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["daemon.status"] = STATUS
+    assert mcrelay("status").out == (
+        "mcrelayd 0.1.0, pid 42, up 2h 3m\n"
+        "  socket      /run/mcrelay/mcrelay.sock\n"
+        "  state file  /var/lib/mcrelay/state.json\n"
+        "  rules       2 routes, 1 relay, 0 group joins\n"
+        "  workers     2/2 running, 1 restarts\n"
+        "  kernel      multicast routing IPv4 available, IPv6 unavailable\n"
+        "warning: rp_filter on eth0 drops relay tv2 (socket mode)\n"
+    )
+
+
+def test_status_tolerates_missing_keys(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["daemon.status"] = {"version": "0.2.0"}
+    run = mcrelay("status")
+    assert run.code == 0
+    assert run.out.startswith("mcrelayd 0.2.0, pid -, up -\n")
+
+
+def test_stats_watch_refreshes_until_ctrl_c(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon.replies["stats.get"] = {"routes": ROUTES, "relays": RELAYS, "workers": []}
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    run = mcrelay("stats", "--watch", "2")
+    assert run.code == 0
+    assert sleeps == [2.0, 2.0, 2.0]
+    assert daemon.methods() == ["stats.get"] * 3
+    assert run.out.count("Every 2s: mcrelay stats") == 3
+    assert "Routes (2):" in run.out and "Relays (1):" in run.out and "Workers: none" in run.out
+
+
+def test_stats_watch_json_is_one_object_per_line(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon.replies["stats.get"] = {"routes": [], "relays": [], "workers": [], "daemon": {}}
+    calls = iter([None, KeyboardInterrupt()])
+
+    def sleep(seconds: float) -> None:
+        exc = next(calls)
+        if exc is not None:
+            raise exc
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    run = mcrelay("stats", "--watch", "-o", "json")
+    lines = run.out.splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line) for line in lines] == [daemon.replies["stats.get"]] * 2
+
+
+# ---------------------------------------------------------------- trace
+
+
+def _records(*sizes: int) -> list[dict[str, Any]]:
+    return [
+        {"time": 1_700_000_000.25, "source": "10.0.0.1:4000", "size": s, "outputs": 2, "result": r}
+        for s, r in zip(sizes, ["sent", "sent", "dropped: queue", "sent"], strict=False)
+    ]
+
+
+def test_trace_prints_records_until_count_and_stops_tracing(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "TRACE_POLL", 0)
+    pages = iter(
+        [
+            {"records": _records(1316, 1316), "cursor": 2},
+            {"records": [], "cursor": 2},
+            {"records": _records(188, 1316), "cursor": 4},
+        ]
+    )
+    daemon.replies["trace.start"] = {"name": "tv1", "tracing": True}
+    daemon.replies["trace.stop"] = {"name": "tv1", "tracing": False}
+    daemon.replies["trace.read"] = lambda p: next(pages)
+    run = mcrelay("trace", "tv1", "--count", "3")
+    assert run.code == 0
+    stamp = time.strftime("%H:%M:%S", time.localtime(1_700_000_000.25)) + ".250000"
+    assert run.out.splitlines() == [
+        f"{stamp} 10.0.0.1:4000 len 1316 -> 2 sent",
+        f"{stamp} 10.0.0.1:4000 len 1316 -> 2 sent",
+        f"{stamp} 10.0.0.1:4000 len 188 -> 2 sent",
+    ]
+    assert daemon.methods() == [
+        "trace.start",
+        "trace.read",
+        "trace.read",
+        "trace.read",
+        "trace.stop",
+    ]
+    # the cursor returned by each read is passed to the next
+    cursors = [r["params"]["cursor"] for r in daemon.requests if r["method"] == "trace.read"]
+    assert cursors == [0, 2, 2]
+    assert "3 packets traced" in run.err
+
+
+def test_trace_ctrl_c_still_stops_tracing(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupted)
+    daemon.replies["trace.start"] = {"name": "tv1", "tracing": True}
+    daemon.replies["trace.stop"] = {"name": "tv1", "tracing": False}
+    daemon.replies["trace.read"] = {"records": [], "cursor": 0}
+    run = mcrelay("trace", "tv1")
+    assert run.code == 0
+    assert daemon.methods() == ["trace.start", "trace.read", "trace.stop"]
+
+
+def test_trace_of_unknown_relay_exits_1_without_stop(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["trace.start"] = RpcError(NO_SUCH_RULE, "no such rule: relay nope")
+    run = mcrelay("trace", "nope")
+    assert run.code == 1
+    assert run.err == "mcrelay: no such rule: relay nope\n"
+    assert daemon.methods() == ["trace.start"]
+
+
+# ---------------------------------------------------------------- apply / export
+
+RULE_FILE = {
+    "version": 1,
+    "routes": [{"iif": "eth0", "source": "*", "group": "239.1.1.1", "oifs": [{"name": "eth1"}]}],
+    "relays": [],
+    "groups": [{"iface": "eth0", "group": "239.255.255.250", "source": "*"}],
+}
+
+DIFF = {
+    "routes": {
+        "added": [{"iif": "eth0", "source": "*", "group": "239.1.1.1", "oifs": [{"name": "eth1"}]}],
+        "removed": [{"iif": "eth0", "source": "10.0.0.1", "group": "239.9.9.9", "oifs": []}],
+        "changed": [],
+    },
+    "relays": {
+        "added": [],
+        "removed": [],
+        "changed": [
+            {
+                "old": RELAYS[0],
+                "new": {**RELAYS[0], "outputs": RELAYS[0]["outputs"][:1]},  # type: ignore[index]
+            }
+        ],
+    },
+    "groups": {"added": [], "removed": [], "changed": []},
+}
+
+
+def test_apply_sends_the_rules_without_version_and_prints_the_diff(
+    daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(RULE_FILE))
+    daemon.replies["config.apply"] = {"diff": DIFF, "dry_run": False}
+    run = mcrelay("apply", str(path))
+    assert run.code == 0
+    assert daemon.last("config.apply")["params"] == {
+        "rules": {k: v for k, v in RULE_FILE.items() if k != "version"},
+        "dry_run": False,
+    }
+    assert run.out == (
+        "+ route (*, 239.1.1.1) on eth0 -> eth1\n"
+        "- route (10.0.0.1, 239.9.9.9) on eth0 -> -\n"
+        "~ relay tv1: 239.1.1.1:5000@eth0 -> 239.2.2.2:6000@eth1,ttl=16,dscp=EF (packet)\n"
+        "1 added, 1 removed, 1 changed\n"
+    )
+
+
+def test_apply_dry_run_says_nothing_was_changed(
+    daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(RULE_FILE))
+    daemon.replies["config.apply"] = {"diff": DIFF, "dry_run": True}
+    run = mcrelay("apply", str(path), "--dry-run")
+    assert daemon.last("config.apply")["params"]["dry_run"] is True
+    assert run.out.endswith("1 added, 1 removed, 1 changed; dry run: nothing was changed\n")
+
+
+def test_apply_with_no_difference(daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path) -> None:
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(RULE_FILE))
+    daemon.replies["config.apply"] = {"diff": {}, "dry_run": False}
+    assert mcrelay("apply", str(path)).out == "no changes: the running rules already match\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read {path}: No such file or directory"),
+        ('{"routes": [}', "{path}: not valid JSON: Expecting value at line 1 column 13"),
+        ("[]", "{path}: expected a JSON object"),
+        ('{"version": 2, "routes": []}', "version: {path}: rule file version 2 is not supported"),
+    ],
+)
+def test_apply_bad_file_exits_1_without_calling_the_daemon(
+    daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "rules.json"
+    if content is not None:
+        path.write_text(content)
+    run = mcrelay("apply", str(path))
+    assert run.code == 1
+    assert run.err.startswith("mcrelay: " + message.format(path=path))
+    assert daemon.requests == []
+
+
+def test_export_output_is_what_apply_reads(
+    daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    daemon.replies["config.export"] = RULE_FILE
+    run = mcrelay("export")
+    assert run.out == json.dumps(RULE_FILE, sort_keys=True, indent=2) + "\n"
+    path = tmp_path / "exported.json"
+    path.write_text(run.out)
+    assert cli.read_rule_file(str(path)) == {k: v for k, v in RULE_FILE.items() if k != "version"}
