@@ -88,7 +88,9 @@ def test_contents_and_ownership(deb: Path) -> None:
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
     shipped = {n[len(pkg) :] for n in entries if n.startswith(pkg) and not n.endswith("/")}
-    assert shipped == src_files
+    assert shipped == src_files, (
+        f"only in src: {sorted(src_files - shipped)}; only in .deb: {sorted(shipped - src_files)}"
+    )
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in entries)
     assert not any(n.startswith("./etc/") for n in entries)  # no conffile: defaults work
 
