@@ -50,5 +50,8 @@ test: setup lint typecheck
 bench: setup
 	$(PY) -m bench.relay_throughput
 
+deb: setup
+	bash packaging/build-deb.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
