@@ -28,6 +28,7 @@ from .protocol import (
     RouteCommand,
     RouteKeyCommand,
 )
+from .state import export_dict
 from .transaction import Transaction
 
 log = logging.getLogger("mcrelay.service")
@@ -266,7 +267,9 @@ class RuleService:
         }
 
     def _config_export(self, cmd: Command) -> Any:
-        return {"version": 1, **self.rules.to_dict()}
+        # Exactly the state file's content (version, lists in a stable order), so
+        # two exports of the same rules are identical and apply reads either.
+        return export_dict(self.rules)
 
     # ------------------------------------------------------------ observation
 
