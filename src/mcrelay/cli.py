@@ -392,13 +392,7 @@ def _stats_text(stats: dict[str, Any], verbose: bool) -> str:
     ]
     daemon = stats.get("daemon")
     if isinstance(daemon, dict) and daemon:
-        pairs = [
-            f"{k}={fmt.human(v, verbose) if isinstance(v, int | float) else v}"
-            for k, v in sorted(daemon.items())
-            if not isinstance(v, dict | list)
-        ]
-        if pairs:
-            blocks.append("Daemon: " + " ".join(pairs))
+        blocks.append("Daemon: " + fmt.status_text(daemon).splitlines()[0])
     return "\n\n".join(blocks)
 
 

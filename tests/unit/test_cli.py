@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import pytest
 from test_client import FakeDaemon, RpcError, echo_route
 
-from mcrelay import cli, cli_format
+from mcrelay import cli, cli_format, protocol
 from mcrelay.errors import INVALID_PARAMS, NO_SUCH_RULE
 
 
@@ -553,7 +553,12 @@ def test_status_tolerates_missing_keys(daemon: FakeDaemon, mcrelay: Mcrelay) -> 
 def test_stats_watch_refreshes_until_ctrl_c(
     daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon.replies["stats.get"] = {"routes": ROUTES, "relays": RELAYS, "workers": []}
+    daemon.replies["stats.get"] = {
+        "routes": ROUTES,
+        "relays": RELAYS,
+        "workers": [],
+        "daemon": STATUS,
+    }
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -568,6 +573,7 @@ def test_stats_watch_refreshes_until_ctrl_c(
     assert daemon.methods() == ["stats.get"] * 3
     assert run.out.count("Every 2s: mcrelay stats") == 3
     assert "Routes (2):" in run.out and "Relays (1):" in run.out and "Workers: none" in run.out
+    assert "Daemon: mcrelayd 0.1.0, pid 42, up 2h 3m" in run.out
 
 
 def test_stats_watch_json_is_one_object_per_line(
@@ -753,3 +759,62 @@ def test_export_output_is_what_apply_reads(
     path = tmp_path / "exported.json"
     path.write_text(run.out)
     assert cli.read_rule_file(str(path)) == {k: v for k, v in RULE_FILE.items() if k != "version"}
+
+
+# ---------------------------------------------------------------- agreement with the server
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["route", "add", "eth0", "239.1.1.1", "eth1", "eth2"],
+        ["route", "add", "eth0", "10.0.0.1", "239.1.1.1", "eth1", "--ttl-threshold", "eth1=4"],
+        ["route", "add", "eth0", "2001:db8::1", "ff3e::10", "eth1", "--dry-run"],
+        ["route", "del", "eth0", "239.1.1.1"],
+        ["route", "del", "eth0", "10.0.0.1", "239.1.1.1"],
+        ["relay", "add", "tv1", "--in", "239.1.1.1:5000@eth0", "--out", "192.0.2.10:7000"],
+        [
+            "relay",
+            "add",
+            "v6",
+            "--in",
+            "[ff3e::1]:5000@eth0",
+            "--out",
+            "[ff3e::10]:6000@eth2,ttl=16,dscp=EF",
+            "--mode",
+            "socket",
+            "--source",
+            "2001:db8::1",
+        ],
+        ["relay", "del", "tv1"],
+        ["group", "join", "eth0", "232.1.1.1", "10.0.0.1"],
+        ["group", "leave", "eth0", "224.0.0.251"],
+        ["trace", "tv1", "--count", "1"],
+        ["show"],
+        ["show", "interfaces"],
+        ["stats"],
+        ["status"],
+        ["export"],
+    ],
+)
+def test_every_request_the_cli_sends_is_valid_for_the_server(
+    daemon: FakeDaemon, mcrelay: Mcrelay, argv: list[str]
+) -> None:
+    """The server's own parser (protocol.py) accepts what the CLI sends, unchanged in meaning."""
+    daemon.replies.update(
+        {
+            name: (lambda p: {"records": [{"size": 1}], "cursor": 1})
+            if name == "trace.read"
+            else {}
+            for name in protocol.METHODS
+        }
+    )
+    daemon.replies["route.list"] = {"routes": []}
+    daemon.replies["relay.list"] = {"relays": []}
+    daemon.replies["interface.list"] = {"interfaces": []}
+    run = mcrelay(*argv)
+    assert run.code == 0, run.err
+    assert daemon.requests
+    for request in daemon.requests:
+        command = protocol.parse_command(request["method"], request.get("params", {}))
+        assert command.dry_run == ("--dry-run" in argv)
