@@ -492,6 +492,7 @@ def cmd_trace(ctx: Ctx, args: argparse.Namespace) -> int:
                 return EXIT_OK
             time.sleep(TRACE_POLL)
     except KeyboardInterrupt:
+        c.close()  # a read may be half done: stop tracing on a fresh connection
         return EXIT_OK
     finally:
         try:
