@@ -1,0 +1,220 @@
+"""Typed messages between the supervisor's RelayManager and its relay workers.
+
+Sequence for a (re)started worker: ``Setup`` -> ``AddIngress`` (descriptors
+attached) ... -> ``SetTable`` -> ``SetTrace`` -> ``Start``; the worker drops its
+privileges on ``Start`` and answers ``Ready``. Afterwards any of ``AddIngress``,
+``RemoveIngress``, ``SetTable``, ``SetTrace``, ``StatsRequest``, ``Ping`` and
+``Stop`` may arrive; the worker answers ``Stats`` and ``Pong``.
+
+Relays are referred to by an integer id the manager assigns: a changed rule
+gets a new id, so per-id counters never mix two definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mcrelay.ipc import message
+
+# Indices into a relay's counter list (workers and manager share them).
+PACKETS = 0
+BYTES = 1
+NO_BUFFER = 2
+SEND_ERROR = 3
+FRAGMENT = 4
+FILTERED = 5
+QUEUE = 6
+N_COUNTERS = 7
+DROP_NAMES = ("no_buffer", "send_error", "fragment", "filtered", "queue")
+
+
+@dataclass(frozen=True)
+class IngressSpec:
+    """One ingress socket: ``packet`` (AF_PACKET, one per worker) or ``socket`` (UDP)."""
+
+    id: int
+    kind: str  # "packet" | "socket"
+    family: int
+    ifindex: int
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One destination; ``ifindex`` 0 routes by table (unicast), -1 means the oif is missing."""
+
+    address: str
+    port: int
+    ifindex: int
+    ttl: int
+    dscp: int
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """One relay as a worker sees it: which ingress, which key, where to."""
+
+    id: int
+    name: str
+    ingress: int
+    group: str
+    port: int
+    sources: tuple[str, ...]
+    outputs: tuple[OutputSpec, ...]
+
+
+def _entry_from(d: Any) -> TableEntry:
+    return TableEntry(
+        int(d[0]),
+        str(d[1]),
+        int(d[2]),
+        str(d[3]),
+        int(d[4]),
+        tuple(str(s) for s in d[5]),
+        tuple(OutputSpec(str(o[0]), int(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in d[6]),
+    )
+
+
+def _entry_to(e: TableEntry) -> list[Any]:
+    outs = [[o.address, o.port, o.ifindex, o.ttl, o.dscp] for o in e.outputs]
+    return [e.id, e.name, e.ingress, e.group, e.port, list(e.sources), outs]
+
+
+@message
+@dataclass(frozen=True)
+class Setup:
+    """First message to a new worker: who it is and whom to become."""
+
+    index: int
+    user: str
+
+
+@message
+@dataclass(frozen=True)
+class Start:
+    """Everything initial was sent: drop privileges and run."""
+
+
+@message
+@dataclass(frozen=True)
+class Ready:
+    """Sent by the worker once unprivileged."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@message
+@dataclass(frozen=True)
+class AddIngress:
+    """Ingress sockets; their descriptors are attached in the same order."""
+
+    specs: tuple[IngressSpec, ...]
+
+    def to_wire(self) -> list[list[Any]]:
+        return [[s.id, s.kind, s.family, s.ifindex] for s in self.specs]
+
+    @classmethod
+    def from_wire(cls, body: Any) -> AddIngress:
+        return cls(tuple(IngressSpec(int(a), str(b), int(c), int(d)) for a, b, c, d in body))
+
+
+@message
+@dataclass(frozen=True)
+class RemoveIngress:
+    ids: tuple[int, ...]
+
+    def to_wire(self) -> list[int]:
+        return list(self.ids)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> RemoveIngress:
+        return cls(tuple(int(i) for i in body))
+
+
+@message
+@dataclass(frozen=True)
+class SetTable:
+    """The complete relay table; replaces the previous one."""
+
+    version: int
+    entries: tuple[TableEntry, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": self.version, "e": [_entry_to(e) for e in self.entries]}
+
+    @classmethod
+    def from_wire(cls, body: Any) -> SetTable:
+        return cls(int(body["v"]), tuple(_entry_from(e) for e in body["e"]))
+
+
+@message
+@dataclass(frozen=True)
+class SetTrace:
+    """Relay ids whose packets the worker records."""
+
+    ids: tuple[int, ...]
+
+    def to_wire(self) -> list[int]:
+        return list(self.ids)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> SetTrace:
+        return cls(tuple(int(i) for i in body))
+
+
+@message
+@dataclass(frozen=True)
+class StatsRequest:
+    seq: int
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """Cumulative counters of one relay in one worker since the worker started."""
+
+    id: int
+    counters: tuple[int, ...]  # indexed by PACKETS..QUEUE
+    outputs: tuple[tuple[int, int, int], ...]  # packets, bytes, errors per output
+
+
+@message
+@dataclass(frozen=True)
+class Stats:
+    """A worker's counters and the trace records gathered since the last Stats."""
+
+    seq: int
+    relays: tuple[RelayStats, ...]
+    worker: dict[str, int]
+    cpu: float
+    traces: dict[str, list[dict[str, Any]]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "r": [[r.id, list(r.counters), [list(o) for o in r.outputs]] for r in self.relays],
+            "w": self.worker,
+            "cpu": self.cpu,
+            "t": self.traces,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Any) -> Stats:
+        relays = tuple(
+            RelayStats(
+                int(r[0]),
+                tuple(int(c) for c in r[1]),
+                tuple((int(o[0]), int(o[1]), int(o[2])) for o in r[2]),
+            )
+            for r in body["r"]
+        )
+        worker = {str(k): int(v) for k, v in body["w"].items()}
+        traces = {str(k): list(v) for k, v in body["t"].items()}
+        return cls(int(body["seq"]), relays, worker, float(body["cpu"]), traces)
+
+
+@message
+@dataclass(frozen=True)
+class Stop:
+    """Exit cleanly."""

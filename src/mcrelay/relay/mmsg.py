@@ -1,0 +1,160 @@
+"""recvmmsg/sendmmsg through ctypes, on arrays allocated once.
+
+A :class:`RecvVec` owns ``n`` receive slots in one contiguous buffer; a
+:class:`SendVec` owns ``n`` message headers whose iovecs point anywhere, in
+practice into a :class:`RecvVec`'s buffer, so a payload is never copied in
+Python. The hot loop reads and writes the headers through flat ``memoryview``
+casts (word indices computed once from the ctypes layout) rather than through
+ctypes attribute access, which would build a proxy object per field.
+
+Layouts are ``struct iovec``, ``struct msghdr`` and ``struct mmsghdr`` from
+``bits/socket.h``/``bits/types/struct_iovec.h`` as ctypes declares them; the
+offsets below are read from ctypes, not assumed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+MSG_DONTWAIT = 0x40
+MSG_TRUNC = 0x20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),  # socklen_t
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+STRIDE = ctypes.sizeof(Mmsghdr)
+assert STRIDE % 8 == 0 and ctypes.sizeof(Iovec) == 16
+
+
+def _w64(field: str) -> int:
+    off: int = getattr(Msghdr, field).offset
+    assert off % 8 == 0
+    return off // 8
+
+
+def _w32(off: int) -> int:
+    assert off % 4 == 0
+    return off // 4
+
+
+# Word indices inside one mmsghdr, for the 'Q' (8-byte) and 'I' (4-byte) views.
+Q_STRIDE = STRIDE // 8
+I_STRIDE = STRIDE // 4
+Q_NAME = _w64("msg_name")
+Q_IOV = _w64("msg_iov")
+Q_IOVLEN = _w64("msg_iovlen")
+I_NAMELEN = _w32(Msghdr.msg_namelen.offset)
+I_FLAGS = _w32(Msghdr.msg_flags.offset)
+I_LEN = _w32(Mmsghdr.msg_len.offset)
+
+
+def recvmmsg(fd: int, hdrs_addr: int, n: int) -> int:
+    """Non-blocking: number of messages received, 0 when none are waiting."""
+    r: int = _recvmmsg(fd, hdrs_addr, n, MSG_DONTWAIT, None)
+    if r < 0:
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EINTR):
+            return 0
+        raise OSError(err, os.strerror(err))
+    return r
+
+
+def sendmmsg(fd: int, hdrs_addr: int, n: int) -> int:
+    """Number sent; -errno when the first message failed (never raises)."""
+    r: int = _sendmmsg(fd, hdrs_addr, n, MSG_DONTWAIT)
+    if r < 0:
+        return -ctypes.get_errno()
+    return r
+
+
+class RecvVec:
+    """``n`` receive slots of ``size`` bytes each, with optional source-address buffers."""
+
+    def __init__(self, n: int, size: int, namelen: int = 0) -> None:
+        self.n = n
+        self.size = size
+        self.namelen = namelen
+        self.buf = (ctypes.c_char * (n * size))()
+        self.buf_addr = ctypes.addressof(self.buf)
+        self.hdrs = (Mmsghdr * n)()
+        self.hdrs_addr = ctypes.addressof(self.hdrs)
+        self.iovs = (Iovec * n)()
+        self.names = (ctypes.c_char * max(1, n * namelen))()
+        self.names_addr = ctypes.addressof(self.names)
+        for i in range(n):
+            self.iovs[i].iov_base = self.buf_addr + i * size
+            self.iovs[i].iov_len = size
+            h = self.hdrs[i].msg_hdr
+            h.msg_iov = ctypes.addressof(self.iovs[i])
+            h.msg_iovlen = 1
+            if namelen:
+                h.msg_name = self.names_addr + i * namelen
+                h.msg_namelen = namelen
+        self.u32 = memoryview(self.hdrs).cast("B").cast("I")
+        self.view = memoryview(self.buf).cast("B")
+
+    def recv(self, fd: int) -> int:
+        """Fill slots from ``fd``; msg_len of slot i is ``u32[i * I_STRIDE + I_LEN]``."""
+        return recvmmsg(fd, self.hdrs_addr, self.n)
+
+    def reset_names(self, count: int) -> None:
+        """recvmmsg overwrote msg_namelen of the first ``count`` slots; restore it."""
+        u = self.u32
+        for i in range(count):
+            u[i * I_STRIDE + I_NAMELEN] = self.namelen
+
+
+class SendVec:
+    """``n`` single-iovec messages whose buffers and destinations are set per packet."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.hdrs = (Mmsghdr * n)()
+        self.hdrs_addr = ctypes.addressof(self.hdrs)
+        self.iovs = (Iovec * n)()
+        for i in range(n):
+            h = self.hdrs[i].msg_hdr
+            h.msg_iov = ctypes.addressof(self.iovs[i])
+            h.msg_iovlen = 1
+        self.q = memoryview(self.hdrs).cast("B").cast("Q")
+        self.u32 = memoryview(self.hdrs).cast("B").cast("I")
+        self.iq = memoryview(self.iovs).cast("B").cast("Q")
+
+    def set(self, i: int, name_addr: int, namelen: int, data_addr: int, length: int) -> None:
+        """Point message ``i`` at a destination sockaddr and a payload (no copy)."""
+        self.q[i * Q_STRIDE + Q_NAME] = name_addr
+        self.u32[i * I_STRIDE + I_NAMELEN] = namelen
+        self.iq[2 * i] = data_addr
+        self.iq[2 * i + 1] = length
+
+    def send(self, fd: int, start: int, count: int) -> int:
+        """sendmmsg of messages [start, start+count); see :func:`sendmmsg`."""
+        return sendmmsg(fd, self.hdrs_addr + start * STRIDE, count)

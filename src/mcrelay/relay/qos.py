@@ -1,0 +1,192 @@
+"""Egress send queues and the per-worker DSCP-priority backlog.
+
+:class:`SendQueue` batches the messages of one egress socket into a
+:class:`~mcrelay.relay.mmsg.SendVec` whose iovecs point into the receive
+buffer, and sends them with one ``sendmmsg``. Counters are credited when a
+message is queued and corrected on failure, so the success path touches each
+message once.
+
+When a socket would block, the unsent payloads are copied into the worker's
+:class:`Backlog` (the only copy on any path), one FIFO per DSCP value. When a
+socket becomes writable the highest class is sent first; when the backlog is
+full the lowest class is dropped first. Drops are counted as ``queue`` on the
+relay.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+from collections import deque
+from typing import Any
+
+from mcrelay.relay.messages import NO_BUFFER, QUEUE, SEND_ERROR
+from mcrelay.relay.mmsg import SendVec
+
+BACKLOG_LIMIT = 4096
+
+
+class Output:
+    """One relay output bound to its send queue; ``oc`` = [packets, bytes, errors, relay]."""
+
+    __slots__ = ("dest", "dscp", "name_addr", "name_len", "oc", "pyaddr", "sq")
+
+    def __init__(self, sq: SendQueue, dest: Any, dscp: int, oc: list[Any]) -> None:
+        self.sq = sq
+        self.dest = dest  # keeps the sockaddr buffer alive
+        self.name_addr: int = dest.addr
+        self.name_len: int = dest.len
+        self.pyaddr: tuple[Any, ...] = dest.pyaddr
+        self.dscp = dscp
+        self.oc = oc
+
+
+def _uncount(out: Output, length: int, reason: int) -> None:
+    oc = out.oc
+    oc[0] -= 1
+    oc[1] -= length
+    oc[2] += 1
+    oc[3][reason] += 1
+
+
+class Backlog:
+    """Packets that found their socket full, by DSCP class (0..63)."""
+
+    def __init__(self, limit: int = BACKLOG_LIMIT) -> None:
+        self.limit = limit
+        self.classes: list[deque[tuple[Output, bytes]]] = [deque() for _ in range(64)]
+        self.size = 0
+        self.blocked: dict[int, SendQueue] = {}  # fd -> queue waiting for POLLOUT
+
+    def enqueue(self, out: Output, payload: bytes) -> None:
+        if self.size >= self.limit:
+            low = next((d for d in range(64) if self.classes[d]), 64)
+            if out.dscp <= low:
+                _uncount(out, len(payload), QUEUE)
+                return
+            victim, vpay = self.classes[low].popleft()
+            victim.sq.pending -= 1
+            _uncount(victim, len(vpay), QUEUE)
+            self.size -= 1
+            if victim.sq.pending == 0:
+                victim.sq.blocked = False
+                self.blocked.pop(victim.sq.fd, None)
+        self.classes[out.dscp].append((out, payload))
+        out.sq.pending += 1
+        self.size += 1
+        out.sq.blocked = True
+        self.blocked[out.sq.fd] = out.sq
+
+    def drain(self) -> None:
+        """Send what the sockets accept now, highest class first, FIFO per socket."""
+        stuck: set[SendQueue] = set()
+        for d in range(63, -1, -1):
+            q = self.classes[d]
+            if not q:
+                continue
+            keep: deque[tuple[Output, bytes]] = deque()
+            while q:
+                out, payload = q.popleft()
+                sq = out.sq
+                if sq in stuck or sq.closed:
+                    if sq.closed:
+                        self.size -= 1
+                        continue
+                    keep.append((out, payload))
+                    continue
+                try:
+                    sq.sock.sendto(payload, out.pyaddr)
+                except BlockingIOError:
+                    stuck.add(sq)
+                    keep.append((out, payload))
+                    continue
+                except OSError as exc:
+                    reason = NO_BUFFER if exc.errno == errno.ENOBUFS else SEND_ERROR
+                    _uncount(out, len(payload), reason)
+                sq.pending -= 1
+                self.size -= 1
+            self.classes[d] = keep
+        for fd, sq in list(self.blocked.items()):
+            if sq.pending <= 0 or sq.closed:
+                sq.pending = 0
+                sq.blocked = False
+                del self.blocked[fd]
+
+    def forget(self, sq: SendQueue) -> None:
+        """A socket is being closed: drop its queued packets."""
+        for d, q in enumerate(self.classes):
+            if any(o.sq is sq for o, _ in q):
+                kept = deque((o, p) for o, p in q if o.sq is not sq)
+                self.size -= len(q) - len(kept)
+                self.classes[d] = kept
+        self.blocked.pop(sq.fd, None)
+
+
+class SendQueue:
+    """Messages for one egress socket, sent with sendmmsg when full or at batch end."""
+
+    def __init__(
+        self, sock: socket.socket, vlen: int, backlog: Backlog, dirty: list[SendQueue]
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.vlen = vlen
+        self.sv = SendVec(vlen)
+        self.n = 0
+        self.outs: list[Output | None] = [None] * vlen
+        self.lens = [0] * vlen
+        self.backlog = backlog
+        self.dirty = dirty
+        self.blocked = False
+        self.closed = False
+        self.pending = 0
+
+    def add(self, out: Output, data_addr: int, length: int) -> None:
+        """Queue one payload (an address in the receive buffer) for ``out``."""
+        oc = out.oc
+        oc[0] += 1
+        oc[1] += length
+        if self.blocked:
+            self.backlog.enqueue(out, ctypes.string_at(data_addr, length))
+            return
+        i = self.n
+        self.sv.set(i, out.name_addr, out.name_len, data_addr, length)
+        self.outs[i] = out
+        self.lens[i] = length
+        self.n = i + 1
+        if i == 0:
+            self.dirty.append(self)
+        if i + 1 == self.vlen:
+            self.flush()
+            self.dirty.remove(self)
+
+    def flush(self) -> None:
+        """Send everything queued; failures are counted, would-block goes to the backlog."""
+        n = self.n
+        self.n = 0
+        off = 0
+        while off < n:
+            r = self.sv.send(self.fd, off, n - off)
+            if r > 0:
+                off += r
+                continue
+            err = -r
+            if err == errno.EINTR:
+                continue
+            out = self.outs[off]
+            assert out is not None
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                iq = self.sv.iq
+                for j in range(off, n):
+                    o = self.outs[j]
+                    assert o is not None
+                    self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], self.lens[j]))
+                break
+            _uncount(out, self.lens[off], NO_BUFFER if err == errno.ENOBUFS else SEND_ERROR)
+            off += 1
+
+    def close(self) -> None:
+        self.closed = True
+        self.backlog.forget(self)
+        self.sock.close()

@@ -1,0 +1,552 @@
+"""Relay worker process: receives its sockets, drops privileges, runs the hot loop.
+
+Started by the RelayManager as ``python -m mcrelay.relay.worker --fd N`` where N
+is its end of the supervisor socketpair. See :mod:`mcrelay.relay.messages` for
+the conversation. The hot loop polls the ingress sockets and the channel, reads
+batches with recvmmsg, looks each packet up in a dict and queues the payload
+(by address, no copy) on the egress socket of each output, then sends each
+egress socket's batch with one sendmmsg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import logging
+import os
+import pwd
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from mcrelay.ipc import Channel, Ping, Pong
+from mcrelay.relay import messages as m
+from mcrelay.relay import table as tbl
+from mcrelay.relay.egress import Dest, EgressKey, open_egress
+from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
+from mcrelay.relay.qos import Backlog, Output, SendQueue
+from mcrelay.relay.trace import WORKER_RING, Ring, record
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+VLEN = 64  # messages per recvmmsg/sendmmsg
+SLOT = 65536  # bytes per receive slot
+BATCHES_PER_WAKEUP = 16  # then let other sockets and the channel have a turn
+
+# IPv4 header + UDP ports/length, assuming IHL 5 (otherwise re-read the UDP part):
+# vihl, flags|frag, src, dst, dport, ulen
+_V4 = struct.Struct("!B5xH4x4s4s2xHH")
+# IPv6 fixed header + UDP: payload length, next header, src, dst, dport, ulen
+_V6 = struct.Struct("!4xHBx16s16s2xHH")
+_UDP = struct.Struct("!2xHH")
+_SPORT = struct.Struct("!H")
+
+log = logging.getLogger("mcrelay.worker")
+
+
+class _Ingress:
+    __slots__ = ("family", "fd", "kind", "single", "sock", "spec", "table", "traced")
+
+    def __init__(self, spec: m.IngressSpec, sock: socket.socket) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.kind = spec.kind
+        self.family = spec.family
+        self.table: dict[tbl.Key, tbl.Entry] = {}
+        self.single: tbl.Entry | None = None
+        self.traced = False
+
+
+def drop_privileges(user: str) -> tuple[int, int]:
+    """setgroups([]), setgid, setuid to ``user``, then PR_SET_NO_NEW_PRIVS.
+
+    A worker not started as root keeps its (already unprivileged) identity.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(user)
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        if pw.pw_uid != 0 and (os.getuid() == 0 or os.geteuid() == 0):
+            raise RuntimeError("privileges were not dropped")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # The parent-death signal is cleared by a credential change, so set it after.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return os.getuid(), os.getgid()
+
+
+class Worker:
+    """State of one worker process (all of it lives in this single thread)."""
+
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        self.index = 0
+        self.user = "nobody"
+        self.ingress: dict[int, _Ingress] = {}
+        self.by_fd: dict[int, _Ingress] = {}
+        self.specs: tuple[m.TableEntry, ...] = ()
+        self.traced: set[int] = set()
+        self.counters: dict[int, list[int]] = {}
+        self.out_counters: dict[tuple[int, int], list[Any]] = {}
+        self.egress: dict[EgressKey, SendQueue] = {}
+        self.dirty: list[SendQueue] = []
+        self.backlog = Backlog()
+        self.rings: dict[int, Ring] = {}
+        self.table = tbl.Table()
+        self.rv_packet = RecvVec(VLEN, SLOT)
+        self.rv_socket = RecvVec(VLEN, SLOT, namelen=28)  # sizeof(struct sockaddr_in6)
+        self.unmatched = 0
+        self.malformed = 0
+        self.received = 0
+        self.poller = select.poll()
+        self.polled_out: set[int] = set()
+        self.running = False
+
+    # ------------------------------------------------------------ control
+
+    def handle(self, msg: Any, fds: list[int]) -> bool:
+        """Apply one message; False when the worker should exit."""
+        if isinstance(msg, m.AddIngress):
+            for spec, fd in zip(msg.specs, fds, strict=False):
+                self._add_ingress(spec, fd)
+            for fd in fds[len(msg.specs) :]:
+                os.close(fd)
+            return True
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, Ping):
+            self.chan.send(Pong(msg.seq))
+        elif isinstance(msg, m.StatsRequest):
+            self.chan.send(self.stats(msg.seq))
+        elif isinstance(msg, m.SetTable):
+            self.specs = msg.entries
+            if self.running:
+                self.rebuild()
+        elif isinstance(msg, m.SetTrace):
+            self.traced = set(msg.ids)
+            for i in list(self.rings):
+                if i not in self.traced:
+                    del self.rings[i]
+            if self.running:
+                self.rebuild()
+        elif isinstance(msg, m.RemoveIngress):
+            for i in msg.ids:
+                self._remove_ingress(i)
+            if self.running:
+                self.rebuild()
+        elif isinstance(msg, m.Setup):
+            self.index, self.user = msg.index, msg.user
+        elif isinstance(msg, m.Stop):
+            return False
+        return True
+
+    def _add_ingress(self, spec: m.IngressSpec, fd: int) -> None:
+        self._remove_ingress(spec.id)
+        fam = (
+            socket.AF_PACKET
+            if spec.kind == "packet"
+            else (socket.AF_INET if spec.family == 4 else socket.AF_INET6)
+        )
+        sock = socket.socket(fam, socket.SOCK_DGRAM, fileno=fd)
+        sock.setblocking(False)
+        inn = _Ingress(spec, sock)
+        self.ingress[spec.id] = inn
+        self.by_fd[inn.fd] = inn
+        if self.running:
+            self.poller.register(inn.fd, select.POLLIN)
+
+    def _remove_ingress(self, ingress_id: int) -> None:
+        inn = self.ingress.pop(ingress_id, None)
+        if inn is None:
+            return
+        del self.by_fd[inn.fd]
+        if self.running:
+            self.poller.unregister(inn.fd)
+        inn.sock.close()
+
+    def rebuild(self) -> None:
+        """Resolve the table against held sockets; open/close egress sockets as needed."""
+        ids = {s.id for s in self.specs}
+        for gone in [i for i in self.counters if i not in ids]:
+            del self.counters[gone]
+        for okey in [k for k in self.out_counters if k[0] not in ids]:
+            del self.out_counters[okey]
+        wanted: set[EgressKey] = set()
+
+        def kind_of(ingress_id: int) -> str | None:
+            inn = self.ingress.get(ingress_id)
+            return None if inn is None else inn.kind
+
+        def make_outputs(spec: m.TableEntry, c: list[int]) -> list[Output]:
+            outs: list[Output] = []
+            for idx, o in enumerate(spec.outputs):
+                oc = self.out_counters.get((spec.id, idx))
+                if oc is None or oc[3] is not c:
+                    oc = self.out_counters[(spec.id, idx)] = [0, 0, 0, c]
+                if o.ifindex < 0:
+                    continue  # output interface missing: nothing to send on
+                fam = 6 if ":" in o.address else 4
+                key = EgressKey(fam, o.ifindex, o.ttl, o.dscp)
+                sq = self.egress.get(key)
+                if sq is None:
+                    try:
+                        sq = SendQueue(open_egress(key), VLEN, self.backlog, self.dirty)
+                    except OSError as exc:
+                        log.warning("worker %d: egress %s: %s", self.index, key, exc)
+                        continue
+                    self.egress[key] = sq
+                wanted.add(key)
+                outs.append(Output(sq, Dest(fam, o.address, o.port, o.ifindex), o.dscp, oc))
+            return outs
+
+        for sq in self.dirty:
+            sq.flush()
+        self.dirty.clear()
+        self.table = tbl.build(self.specs, kind_of, make_outputs, self.counters, self.traced)
+        for key in [k for k in self.egress if k not in wanted]:
+            sq = self.egress.pop(key)
+            if sq.fd in self.polled_out:
+                self.poller.unregister(sq.fd)
+                self.polled_out.discard(sq.fd)
+            sq.close()
+        for inn in self.ingress.values():
+            inn.table = self.table.packet.get(inn.spec.id, {})
+            inn.single = self.table.single.get(inn.spec.id)
+            entries = inn.table.values() if inn.kind == "packet" else [inn.single]
+            inn.traced = any(e is not None and e.traced for e in entries)
+        for i in self.traced:
+            self.rings.setdefault(i, Ring(WORKER_RING))
+
+    def stats(self, seq: int) -> m.Stats:
+        relays = []
+        for e in self.table.entries:
+            outs = []
+            for idx in range(len(e.spec.outputs)):
+                oc = self.out_counters.get((e.id, idx))
+                outs.append((oc[0], oc[1], oc[2]) if oc else (0, 0, 0))
+            relays.append(m.RelayStats(e.id, tuple(e.c), tuple(outs)))
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        traces = {str(i): r.take() for i, r in self.rings.items() if r.records}
+        worker = {
+            "received": self.received,
+            "unmatched": self.unmatched,
+            "malformed": self.malformed,
+            "backlog": self.backlog.size,
+            "egress_sockets": len(self.egress),
+            "uid": os.getuid(),
+        }
+        return m.Stats(seq, tuple(relays), worker, ru.ru_utime + ru.ru_stime, traces)
+
+    # ------------------------------------------------------------ run
+
+    def run(self) -> int:
+        """Bootstrap until Start, drop privileges, then loop until Stop or EOF."""
+        while True:
+            msg, fds = self.chan.recv_message()
+            if isinstance(msg, m.Start):
+                break
+            if not self.handle(msg, fds):
+                return 0
+        uid, gid = drop_privileges(self.user)
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpus[self.index % len(cpus)]})
+        except OSError:
+            pass
+        self.chan.send(m.Ready(os.getpid(), uid, gid))
+        self.running = True
+        self.poller.register(self.chan.fileno(), select.POLLIN)
+        for inn in self.ingress.values():
+            self.poller.register(inn.fd, select.POLLIN)
+        self.rebuild()
+        return self.loop()
+
+    def loop(self) -> int:
+        chan_fd = self.chan.fileno()
+        poll = self.poller.poll
+        by_fd = self.by_fd
+        while True:
+            events = poll(1000 if self.backlog.size else -1)
+            for fd, ev in events:
+                if fd == chan_fd:
+                    try:
+                        got = self.chan.recv()
+                    except EOFError:
+                        return 0
+                    if got is not None and not self.handle(*got):
+                        return 0
+                    continue
+                inn = by_fd.get(fd)
+                if inn is not None:
+                    self.drain(inn)
+                elif ev & select.POLLOUT:
+                    self.backlog.drain()
+            if self.backlog.size or self.polled_out:
+                self.backlog.drain()
+                self._sync_pollout()
+
+    def _sync_pollout(self) -> None:
+        want = set(self.backlog.blocked)
+        for fd in want - self.polled_out:
+            self.poller.register(fd, select.POLLOUT)
+        for fd in self.polled_out - want:
+            self.poller.unregister(fd)
+        self.polled_out = want
+
+    def drain(self, inn: _Ingress) -> None:
+        """Read up to BATCHES_PER_WAKEUP batches from one ingress socket and relay them."""
+        packet = inn.kind == "packet"
+        rv = self.rv_packet if packet else self.rv_socket
+        for _ in range(BATCHES_PER_WAKEUP):
+            if inn.traced and not packet:
+                rv.reset_names(rv.n)
+            try:
+                n = rv.recv(inn.fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+                    return
+                raise
+            if n == 0:
+                break
+            self.received += n
+            if inn.traced:
+                self.batch_traced(inn, rv, n)
+            elif not packet:
+                self.batch_socket(inn, rv, n)
+            elif inn.family == 4:
+                self.batch_v4(inn, rv, n)
+            else:
+                self.batch_v6(inn, rv, n)
+            for sq in self.dirty:
+                sq.flush()
+            self.dirty.clear()
+            if n < rv.n:
+                break
+        if self.backlog.size:
+            self._sync_pollout()
+
+    # The three batch functions below are the hot path: locals only, no objects
+    # created per packet beyond what struct.unpack_from returns.
+
+    def batch_v4(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
+        table = inn.table
+        u = rv.u32
+        buf = rv.buf
+        size = rv.size
+        base = rv.buf_addr
+        unpack = _V4.unpack_from
+        for i in range(n):
+            off = i * size
+            ln = u[i * I_STRIDE + I_LEN]
+            if ln < 28:
+                self.malformed += 1
+                continue
+            vihl, frag, src, dst, dport, ulen = unpack(buf, off)
+            ihl = 20
+            if vihl != 0x45:
+                ihl = (vihl & 15) * 4
+                if ihl < 20 or ln < ihl + 8:
+                    self.malformed += 1
+                    continue
+                dport, ulen = _UDP.unpack_from(buf, off + ihl)
+            e = table.get((dst, dport))
+            if e is None:
+                self.unmatched += 1
+                continue
+            c = e.c
+            if frag & 0x3FFF:
+                c[m.FRAGMENT] += 1
+                continue
+            if e.sources is not None and src not in e.sources:
+                c[m.FILTERED] += 1
+                continue
+            plen = ulen - 8
+            if plen < 0 or ihl + ulen > ln:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += plen
+            paddr = base + off + ihl + 8
+            for o in e.outs:
+                o.sq.add(o, paddr, plen)
+
+    def batch_v6(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
+        table = inn.table
+        u = rv.u32
+        buf = rv.buf
+        size = rv.size
+        base = rv.buf_addr
+        unpack = _V6.unpack_from
+        for i in range(n):
+            off = i * size
+            ln = u[i * I_STRIDE + I_LEN]
+            if ln < 48:
+                self.malformed += 1
+                continue
+            _plen, nh, src, dst, dport, ulen = unpack(buf, off)
+            if nh != 17:
+                if nh == 44 and ln >= 56:  # first fragment: UDP follows the 8-byte header
+                    dport = _UDP.unpack_from(buf, off + 48)[0]
+                    e = table.get((dst, dport))
+                    if e is not None:
+                        e.c[m.FRAGMENT] += 1
+                        continue
+                self.unmatched += 1
+                continue
+            e = table.get((dst, dport))
+            if e is None:
+                self.unmatched += 1
+                continue
+            c = e.c
+            if e.sources is not None and src not in e.sources:
+                c[m.FILTERED] += 1
+                continue
+            plen = ulen - 8
+            if plen < 0 or 40 + ulen > ln:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += plen
+            paddr = base + off + 48
+            for o in e.outs:
+                o.sq.add(o, paddr, plen)
+
+    def batch_socket(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
+        e = inn.single
+        if e is None:
+            self.unmatched += n
+            return
+        u = rv.u32
+        size = rv.size
+        base = rv.buf_addr
+        c = e.c
+        outs = e.outs
+        for i in range(n):
+            ln = u[i * I_STRIDE + I_LEN]
+            if u[i * I_STRIDE + I_FLAGS] & MSG_TRUNC:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += ln
+            paddr = base + i * size
+            for o in outs:
+                o.sq.add(o, paddr, ln)
+
+    def batch_traced(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
+        """Like the batch functions above, one packet at a time, recording each result."""
+        now = time.time()
+        for i in range(n):
+            e, src, size, result = self._one_traced(inn, rv, i)
+            if e is None or not e.traced:
+                continue
+            ring = self.rings.get(e.id)
+            if ring is None:
+                continue
+            outs = [f"{o.pyaddr[0]}:{o.pyaddr[1]}" for o in e.outs] if result == "relayed" else []
+            ring.add(record(now, src, size, outs, result, self.index))
+
+    def _one_traced(
+        self, inn: _Ingress, rv: RecvVec, i: int
+    ) -> tuple[tbl.Entry | None, str, int, str]:
+        u = rv.u32
+        off = i * rv.size
+        ln = u[i * I_STRIDE + I_LEN]
+        data = bytes(rv.view[off : off + ln])
+        if inn.kind == "socket":
+            e = inn.single
+            name = ctypes.string_at(rv.names_addr + i * rv.namelen, rv.namelen)
+            src = _sockaddr_text(name)
+            if e is None:
+                self.unmatched += 1
+                return None, src, ln, "unmatched"
+            if u[i * I_STRIDE + I_FLAGS] & MSG_TRUNC:
+                self.malformed += 1
+                return e, src, ln, "truncated"
+            self._send_one(e, rv.buf_addr + off, ln)
+            return e, src, ln, "relayed"
+        if inn.family == 4:
+            if ln < 28:
+                self.malformed += 1
+                return None, "?", ln, "malformed"
+            ihl = (data[0] & 15) * 4
+            frag = struct.unpack_from("!H", data, 6)[0]
+            src_b, dst_b = data[12:16], data[16:20]
+            sport, dport, ulen = (
+                struct.unpack_from("!HHH", data, ihl) if ln >= ihl + 8 else (0,) * 3
+            )
+            src = f"{socket.inet_ntop(socket.AF_INET, src_b)}:{sport}"
+            l4 = ihl
+        else:
+            if ln < 48:
+                self.malformed += 1
+                return None, "?", ln, "malformed"
+            nh = data[6]
+            src_b, dst_b = data[8:24], data[24:40]
+            l4 = 48 if nh == 44 else 40
+            frag = 0x2000 if nh == 44 else 0
+            sport, dport, ulen = struct.unpack_from("!HHH", data, l4) if ln >= l4 + 8 else (0,) * 3
+            src = f"[{socket.inet_ntop(socket.AF_INET6, src_b)}]:{sport}"
+        e = inn.table.get((dst_b, dport))
+        if e is None:
+            self.unmatched += 1
+            return None, src, ln, "unmatched"
+        if frag & 0x3FFF:
+            e.c[m.FRAGMENT] += 1
+            return e, src, ln, "fragment"
+        if e.sources is not None and src_b not in e.sources:
+            e.c[m.FILTERED] += 1
+            return e, src, ulen - 8, "filtered"
+        if ulen < 8 or l4 + ulen > ln:
+            self.malformed += 1
+            return e, src, ln, "malformed"
+        self._send_one(e, rv.buf_addr + off + l4 + 8, ulen - 8)
+        return e, src, ulen - 8, "relayed"
+
+    @staticmethod
+    def _send_one(e: tbl.Entry, paddr: int, plen: int) -> None:
+        e.c[0] += 1
+        e.c[1] += plen
+        for o in e.outs:
+            o.sq.add(o, paddr, plen)
+
+
+def _sockaddr_text(name: bytes) -> str:
+    fam = struct.unpack_from("=H", name)[0]
+    if fam == socket.AF_INET:
+        port = _SPORT.unpack_from(name, 2)[0]
+        return f"{socket.inet_ntop(socket.AF_INET, name[4:8])}:{port}"
+    if fam == socket.AF_INET6:
+        port = _SPORT.unpack_from(name, 2)[0]
+        return f"[{socket.inet_ntop(socket.AF_INET6, name[8:24])}]:{port}"
+    return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mcrelay.relay.worker --fd N``."""
+    ap = argparse.ArgumentParser(prog="mcrelay-worker")
+    ap.add_argument("--fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format=f"mcrelay-worker[{os.getpid()}] %(levelname)s %(message)s"
+    )
+    chan = Channel(socket.socket(fileno=args.fd))
+    w = Worker(chan)
+    try:
+        return w.run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
