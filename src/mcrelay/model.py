@@ -60,7 +60,9 @@ def _show(value: Any) -> str:
 def check_ifname(value: Any, field_name: str) -> str:
     """Linux interface-name rules: 1-15 bytes, no '/', no whitespace, not '.' or '..'."""
     _expect(value, str, field_name, "an interface name (1-15 bytes)")
-    raw = value.encode("utf-8", "surrogateescape")
+    # surrogatepass: a lone surrogate from JSON ("\\ud800") must be refused below
+    # as unprintable, not raise UnicodeEncodeError here.
+    raw = value.encode("utf-8", "surrogatepass")
     if not 1 <= len(raw) <= 15:
         raise InvalidParams(field_name, f"interface name must be 1-15 bytes, got {len(raw)}")
     if value in (".", "..") or "/" in value or ":" in value or any(c.isspace() for c in value):
@@ -75,8 +77,12 @@ def check_ifname(value: Any, field_name: str) -> str:
 
 def check_int(value: Any, field_name: str, low: int, high: int) -> int:
     """An integer in [low, high]; numeric strings from the CLI are accepted."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    # isascii(): str.isdigit() is also true for "²" and other digits int() refuses;
+    # the length cap keeps int() under Python's 4300-digit conversion limit.
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= 20:
+            value = int(digits)
     _expect(value, int, field_name, f"an integer {low}-{high}")
     if not low <= value <= high:
         raise InvalidParams(field_name, f"must be {low}-{high}, got {value}")
