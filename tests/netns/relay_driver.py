@@ -15,6 +15,7 @@ Commands: {"op": "add"|"replace", "relay(s)": ...}, {"op": "del", "name"},
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -181,10 +182,8 @@ class Driver:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(TimeoutError, RuntimeError, BrokenPipeError, ValueError):
                 self.call("quit", timeout=2)
-            except (TimeoutError, RuntimeError, BrokenPipeError, ValueError):
-                pass
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

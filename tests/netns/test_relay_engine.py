@@ -245,7 +245,7 @@ def test_drops_counted_fragment_and_filtered(lab: StandardLab, drv: Driver) -> N
     deadline = time.monotonic() + 5
     while True:
         st = drv.relay("f")
-        if st["packets"] >= 3 and st["drops"]["fragment"] >= 5 or time.monotonic() > deadline:
+        if (st["packets"] >= 3 and st["drops"]["fragment"] >= 5) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert st["packets"] == 3
