@@ -272,3 +272,19 @@ def test_trace_records_packets(lab: StandardLab, drv: Driver) -> None:
     assert {r["result"] for r in recs} == {"relayed"}
     assert recs[0]["outputs"] == ["239.12.0.2:5000"]
     drv.call("trace_stop", name="t")
+
+
+def test_input_interface_vanishes_and_returns(lab: StandardLab, drv: Driver) -> None:
+    drv.call("add", relay=relay("w", "up0", "239.13.0.1", 5000, out("239.13.0.2", 5000, "dn1")))
+    lab.ip("router", "link", "del", "up0")
+    drv.call("iface", name="up0")
+    st = drv.relay("w")
+    assert st["state"] == "waiting"
+    assert drv.call("groups")[0]["state"] == "waiting"
+    lab.add_link("router", "up0", "src", "veth0", v4_a="192.0.2.1/24", v4_b="192.0.2.2/24")
+    drv.call("iface", name="up0")
+    assert drv.relay("w")["state"] == "active"
+    assert drv.call("groups")[0]["state"] == "joined"
+    rcv = lab.receiver("rcv1", "239.13.0.2", 5000, "veth0", count=10, duration=5, rcvbuf=RCVBUF)
+    lab.send("src", "239.13.0.1", 5000, iface="veth0", count=10)
+    assert rcv.result().intact == 10
