@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import collections
 import contextlib
 import logging
 import os
@@ -28,10 +29,12 @@ from dataclasses import dataclass, field
 from . import protocol
 from .control_messages import Call, ControlSettings, Reply
 from .errors import InvalidRequest, LimitExceeded, McrelayError, PermissionDenied
-from .ipc import Channel, ProtocolViolation, expect
+from .ipc import _LAST, _MORE, FRAME, Channel, ProtocolViolation, encode, expect
 
 SO_PEERGROUPS = 59  # Linux >= 4.13, asm-generic/socket.h
 MAX_OUTBUF = 64 * 1024 * 1024
+OUTBUF_HIGH = 1024 * 1024  # stop reading requests of a peer that does not read replies
+MAX_INFLIGHT = 1  # requests of one connection at the supervisor at a time
 READ_CHUNK = 256 * 1024
 
 log = logging.getLogger("mcrelay.control")
@@ -49,6 +52,8 @@ class Peer:
     outbuf: bytearray = field(default_factory=bytearray)
     last_active: float = 0.0
     closing: bool = False
+    inflight: int = 0  # requests forwarded to the supervisor, not yet answered
+    events: int = 0  # what the selector watches for this peer (0: not registered)
 
     def may(self, access: str, settings: ControlSettings) -> bool:
         if self.uid == 0:
@@ -76,7 +81,18 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]
 
 
 class ControlServer:
-    """The select loop of the control process."""
+    """The select loop of the control process.
+
+    Nothing here ever blocks on one party. Each connection has at most
+    :data:`MAX_INFLIGHT` request at the supervisor; further pipelined lines
+    wait in its buffer, and the socket is not read while that buffer holds a
+    complete line or while unsent replies pile up (:data:`OUTBUF_HIGH`), so a
+    flooding or non-reading client is held back by its own socket buffers
+    instead of queueing thousands of calls ahead of everybody else. Calls to
+    the supervisor go through a non-blocking frame queue: the supervisor may be
+    sending replies while we send calls, and neither side may wait for the
+    other (that would deadlock both).
+    """
 
     def __init__(
         self, listener: socket.socket, channel: Channel, settings: ControlSettings
@@ -89,6 +105,7 @@ class ControlServer:
         self.pending: dict[int, tuple[Peer, int | str | None, bool]] = {}
         self.seq = 0
         self.running = True
+        self._frames: collections.deque[tuple[bytes, bytes]] = collections.deque()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, "accept")
         self.sel.register(channel.sock, selectors.EVENT_READ, "channel")
@@ -100,15 +117,20 @@ class ControlServer:
                 if key.data == "accept":
                     self._accept()
                 elif key.data == "channel":
-                    self._from_supervisor()
+                    if events & selectors.EVENT_WRITE:
+                        self._flush_channel()
+                    if events & selectors.EVENT_READ:
+                        self._from_supervisor()
                 else:
                     peer = self.peers.get(key.fd)
-                    if peer is None:
+                    if peer is None or peer.sock is not key.fileobj:
                         continue
-                    if events & selectors.EVENT_READ:
-                        self._read(peer)
-                    if events & selectors.EVENT_WRITE and key.fd in self.peers:
+                    if events & selectors.EVENT_WRITE:
                         self._flush(peer)
+                    if events & selectors.EVENT_READ and peer.sock.fileno() in self.peers:
+                        self._read(peer)
+                    if peer.sock.fileno() in self.peers:
+                        self._process(peer)
             self._expire_idle()
 
     # ------------------------------------------------------------ connections
@@ -127,31 +149,56 @@ class ControlServer:
                 return
             sock.setblocking(False)
             _, uid, gid, groups = peer_credentials(sock)
-            peer = Peer(sock, uid, gid, groups, last_active=time.monotonic())
             if len(self.peers) >= self.settings.max_connections:
                 err = LimitExceeded(
                     f"too many connections (limit {self.settings.max_connections}); try again"
                 )
-                self._queue(peer, protocol.error_response(None, err.to_error()))
-                peer.closing = True
                 with contextlib.suppress(OSError):
-                    sock.send(bytes(peer.outbuf))
+                    sock.send(protocol.encode_line(protocol.error_response(None, err.to_error())))
                 sock.close()
                 continue
+            peer = Peer(sock, uid, gid, groups, last_active=time.monotonic())
             self.peers[sock.fileno()] = peer
-            self.sel.register(sock, selectors.EVENT_READ, "peer")
+            self._watch(peer)
+
+    def _watch(self, peer: Peer) -> None:
+        """Point the selector at what this peer needs now (read, write, both, nothing)."""
+        fd = peer.sock.fileno()
+        if fd < 0 or fd not in self.peers:
+            return
+        events = 0
+        if peer.outbuf:
+            events |= selectors.EVENT_WRITE
+        if peer.closing or (
+            peer.inflight < MAX_INFLIGHT
+            and len(peer.outbuf) < OUTBUF_HIGH
+            and b"\n" not in peer.inbuf
+        ):
+            events |= selectors.EVENT_READ
+        if events == peer.events:
+            return
+        if peer.events == 0:
+            self.sel.register(peer.sock, events, "peer")
+        elif events == 0:
+            self.sel.unregister(peer.sock)
+        else:
+            self.sel.modify(peer.sock, events, "peer")
+        peer.events = events
 
     def _close(self, peer: Peer) -> None:
         fd = peer.sock.fileno()
-        if fd in self.peers:
+        if fd in self.peers and self.peers[fd] is peer:
             del self.peers[fd]
-            self.sel.unregister(peer.sock)
+            if peer.events:
+                self.sel.unregister(peer.sock)
+            peer.events = 0
         peer.sock.close()
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
         for peer in list(self.peers.values()):
-            if now - peer.last_active > self.settings.idle_timeout:
+            # A peer waiting for the supervisor's answer is not idle.
+            if peer.inflight == 0 and now - peer.last_active > self.settings.idle_timeout:
                 self._close(peer)
 
     def _read(self, peer: Peer) -> None:
@@ -169,29 +216,37 @@ class ControlServer:
         if peer.closing:
             return
         peer.inbuf += data
-        while not peer.closing:
+
+    def _process(self, peer: Peer) -> None:
+        """Handle the complete lines in the peer's buffer, as far as its limits allow."""
+        while not peer.closing and peer.inflight < MAX_INFLIGHT and len(peer.outbuf) < OUTBUF_HIGH:
             nl = peer.inbuf.find(b"\n")
             if nl < 0:
                 if len(peer.inbuf) > self.settings.max_line:
                     self._refuse_long_line(peer)
                 break
-            line = bytes(peer.inbuf[:nl])
-            del peer.inbuf[: nl + 1]
-            if len(line) > self.settings.max_line:
+            if nl > self.settings.max_line:
                 self._refuse_long_line(peer)
                 break
+            line = bytes(peer.inbuf[:nl])
+            del peer.inbuf[: nl + 1]
             if line.strip():
                 self._handle_line(peer, line)
+            if peer.sock.fileno() < 0:
+                return
+        self._watch(peer)
 
     def _refuse_long_line(self, peer: Peer) -> None:
         err = InvalidRequest(
             f"request line longer than {self.settings.max_line} bytes; connection closed"
         )
-        self._queue(peer, protocol.error_response(None, err.to_error()))
         peer.inbuf.clear()
         peer.closing = True
+        self._queue(peer, protocol.error_response(None, err.to_error()))
 
     def _queue(self, peer: Peer, obj: dict[str, object]) -> None:
+        if peer.sock.fileno() < 0:
+            return
         peer.outbuf += protocol.encode_line(obj)
         if len(peer.outbuf) > MAX_OUTBUF:  # a client that never reads
             self._close(peer)
@@ -210,14 +265,36 @@ class ControlServer:
                 self._close(peer)
                 return
             del peer.outbuf[:sent]
-        if peer.sock.fileno() not in self.peers:
+        if peer.closing and not peer.outbuf:
+            self._close(peer)
             return
-        if peer.outbuf:
-            self.sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, "peer")
-        else:
-            self.sel.modify(peer.sock, selectors.EVENT_READ, "peer")
-            if peer.closing:
-                self._close(peer)
+        self._watch(peer)
+
+    # ------------------------------------------------------------ supervisor channel
+
+    def _send_call(self, call: Call) -> None:
+        """Queue a call for the supervisor as channel frames and send what fits now."""
+        data = encode(call)
+        chunks = [data[i : i + FRAME] for i in range(0, len(data), FRAME)] or [b""]
+        for i, chunk in enumerate(chunks):
+            self._frames.append((_LAST if i == len(chunks) - 1 else _MORE, chunk))
+        self._flush_channel()
+
+    def _flush_channel(self) -> None:
+        sock = self.channel.sock
+        while self._frames:
+            flag, chunk = self._frames[0]
+            try:
+                sock.sendmsg([flag, chunk], [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.info("supervisor went away (%s); exiting", exc)
+                self.running = False
+                return
+            self._frames.popleft()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._frames else 0)
+        self.sel.modify(sock, events, "channel")
 
     # ------------------------------------------------------------ requests
 
@@ -250,7 +327,8 @@ class ControlServer:
             return
         self.seq += 1
         self.pending[self.seq] = (peer, rid, notification)
-        self.channel.send(Call(self.seq, command.method, command.params(), peer.uid))
+        peer.inflight += 1
+        self._send_call(Call(self.seq, command.method, command.params(), peer.uid))
 
     def _from_supervisor(self) -> None:
         try:
@@ -276,12 +354,17 @@ class ControlServer:
         if entry is None:
             return
         peer, rid, notification = entry
-        if notification or peer.sock.fileno() < 0:
+        peer.inflight -= 1
+        if peer.sock.fileno() < 0:
             return
-        if reply.error is not None:
-            self._queue(peer, protocol.error_response(rid, reply.error))
-        else:
-            self._queue(peer, protocol.response(rid, reply.result))
+        peer.last_active = time.monotonic()
+        if not notification:
+            if reply.error is not None:
+                self._queue(peer, protocol.error_response(rid, reply.error))
+            else:
+                self._queue(peer, protocol.response(rid, reply.result))
+        if peer.sock.fileno() >= 0:
+            self._process(peer)  # the next pipelined request, if any
 
 
 def main(argv: list[str] | None = None) -> int:
