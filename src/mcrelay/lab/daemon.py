@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,7 +42,16 @@ class DaemonProcess:
         workdir: str | Path | None = None,
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        config: str | None = None,
+        wrapper: Sequence[str] = (),
+        state: str | None = None,
     ) -> None:
+        """``config``: TOML text written to ``workdir/mcrelay.toml`` and passed with
+        ``--config``. ``wrapper``: argv run in front of the daemon inside the
+        namespace, which must end by exec'ing its arguments (e.g. ``sh -c 'mount
+        ... && exec "$@"' sh``); ``ip netns exec`` gives the daemon its own mount
+        namespace, so mounts made there are private to it. ``state``: state file
+        path (default ``workdir/state.json``)."""
         self.lab = lab
         self.ns = ns
         self.workers = workers
@@ -49,7 +59,13 @@ class DaemonProcess:
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         os.chmod(self.workdir, 0o755)
         self.socket = str(self.workdir / "mcrelay.sock")
-        self.state = str(self.workdir / "state.json")
+        self.state = state or str(self.workdir / "state.json")
+        self.config: str | None = None
+        if config is not None:
+            self.config = str(self.workdir / "mcrelay.toml")
+            Path(self.config).write_text(config)
+            os.chmod(self.config, 0o644)
+        self.wrapper = list(wrapper)
         self.logfile = self.workdir / "mcrelayd.log"
         self.args = args
         self.env = env
@@ -58,7 +74,9 @@ class DaemonProcess:
     # ------------------------------------------------------------ life cycle
 
     def argv(self) -> list[str]:
+        config = ["--config", self.config] if self.config else []
         return [
+            *self.wrapper,
             sys.executable,
             "-m",
             "mcrelay.daemon",
@@ -70,6 +88,7 @@ class DaemonProcess:
             str(self.workers),
             "--log-level",
             "debug",
+            *config,
             *self.args,
         ]
 
@@ -125,7 +144,7 @@ class DaemonProcess:
         """kill -9 the daemon and every child it started (a crash, as far as it can tell)."""
         if self.proc is None:
             return
-        pids = self.children() + [self.proc.pid]
+        pids = [*self.children(), self.proc.pid]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -179,14 +198,46 @@ class DaemonProcess:
         with self.client() as c:
             return c.call(method, **params)
 
-    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run `mcrelay --socket SOCK ARGS...` and return its completed process."""
+    @property
+    def pid(self) -> int:
+        """PID of mcrelayd itself (``ip netns exec`` and wrappers exec it)."""
+        if self.proc is None:
+            raise DaemonError("mcrelayd is not running")
+        return self.proc.pid
+
+    def in_mount_ns(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run argv in the daemon's private mount namespace (``nsenter -m``)."""
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def cli(
+        self,
+        *args: str,
+        check: bool = False,
+        user: str | int | None = None,
+        group: str | int | None = None,
+        extra_groups: Sequence[str | int] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `mcrelay --socket SOCK ARGS...` and return its completed process.
+
+        ``user``/``group``/``extra_groups`` run it as another user (as subprocess
+        does: setgroups, setgid, setuid before exec), to test the socket's access rules.
+        """
         res = subprocess.run(
             [*CLI, "--socket", self.socket, *args],
             capture_output=True,
             text=True,
             env=python_env(),
             timeout=60,
+            input=input,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
         )
         if check and res.returncode != 0:
             raise DaemonError(
