@@ -62,16 +62,14 @@ class ControlChild:
 class GroupJoins:
     """`group join` rules on top of the shared membership sockets."""
 
-    OWNER = "config"
-
     def __init__(self, membership: Membership) -> None:
         self.membership = membership
 
     def join(self, join: GroupJoin) -> None:
-        self.membership.join(self.OWNER, join.iface, join.group, join.source)
+        self.membership.join(join.iface, join.group, join.source)
 
     def leave(self, join: GroupJoin) -> None:
-        self.membership.leave(self.OWNER, join.iface, join.group, join.source)
+        self.membership.leave(join.iface, join.group, join.source)
 
     def list(self) -> list[dict[str, Any]]:
         return self.membership.list()
@@ -149,7 +147,9 @@ class Supervisor:
             log.critical("cannot open the kernel multicast routing sockets: %s", exc)
             log.critical("is another multicast routing daemon (smcroute, pimd) running here?")
             return 1
-        self.membership = Membership(self.interfaces.ifindex_of)
+        self.membership = Membership(
+            self.interfaces.ifindex_of, logging.getLogger("mcrelay.membership")
+        )
         self.relays = RelayManager(
             workers=self.settings.workers,
             user=self.settings.user,
@@ -159,8 +159,7 @@ class Supervisor:
         )
         self.interfaces.listeners += [
             self.kernel.interface_changed,
-            self.relays.interface_changed,
-            self.membership.interface_changed,
+            self.relays.interface_changed,  # also drops/rejoins the memberships
         ]
         self.service = RuleService(
             self.kernel,
