@@ -71,13 +71,27 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]
     pid, uid, gid = struct.unpack("3i", creds)
     groups: frozenset[int] = frozenset()
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # Python caps getsockopt's buffer at 1024 bytes (256 groups); a bigger
+        # buflen raises OSError before the kernel is even asked.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         arr = array.array("I")
         arr.frombytes(raw[: len(raw) - len(raw) % 4])
         groups = frozenset(arr)
-    except OSError:
-        pass
+    except OSError:  # more than 256 groups (ERANGE), or a kernel without SO_PEERGROUPS
+        groups = _proc_groups(pid)
     return pid, uid, gid, groups
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
+    """Supplementary groups from /proc/PID/status (fallback; empty if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
 
 
 class ControlServer:

@@ -9,9 +9,13 @@ tests do the same with real non-root processes).
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -223,6 +227,44 @@ def test_peer_credentials_are_those_of_the_connecting_process() -> None:
         b.close()
     assert (pid, uid, gid) == (os.getpid(), os.getuid(), os.getgid())
     assert set(os.getgroups()) <= groups | {gid}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another user")
+def test_peer_credentials_include_the_supplementary_groups_of_another_user() -> None:
+    # pytest's tmp_path is under a 0700 directory nobody cannot enter.
+    workdir = tempfile.TemporaryDirectory(prefix="mcrelay-test-")
+    os.chmod(workdir.name, 0o755)
+    path = os.path.join(workdir.name, "s")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()
+    os.chmod(path, 0o666)
+    staff = grp.getgrnam("staff").gr_gid
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import socket,time; socket.socket(socket.AF_UNIX).connect({path!r}); time.sleep(2)",
+        ],
+        user="nobody",
+        group="nogroup",
+        extra_groups=[staff, "users"],
+    )
+    try:
+        srv.settimeout(10)
+        conn, _ = srv.accept()
+        pid, uid, gid, groups = peer_credentials(conn)
+        conn.close()
+    finally:
+        client.kill()
+        client.wait()
+        srv.close()
+        workdir.cleanup()
+    assert (pid, uid, gid) == (client.pid, 65534, grp.getgrnam("nogroup").gr_gid)
+    assert groups == {staff, grp.getgrnam("users").gr_gid}
+    admin = Peer(socket.socket(), uid, gid, groups)
+    assert admin.may("admin", ControlSettings(gid, staff, 4096, 4, 1.0, "info"))
+    admin.sock.close()
 
 
 # ---------------------------------------------------------------- error replies
