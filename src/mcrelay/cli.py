@@ -268,10 +268,21 @@ def _split_source_group(rest: Sequence[str], form: str) -> tuple[str | None, str
             "group", f"{first!r} is not an IP address; expected {form} (group is multicast)"
         )
     if kind == "multicast":
-        return None, first, list(rest[1:])
-    if len(rest) < 2:
+        source, group, names = None, first, list(rest[1:])
+    elif len(rest) < 2:
         raise InvalidParams("group", f"missing after source {first}; expected {form}")
-    return first, rest[1], list(rest[2:])
+    else:
+        source, group, names = first, rest[1], list(rest[2:])
+    # Linux would accept "239.1.1.1" as an interface name, but here it is
+    # always a mistyped SOURCE/GROUP pair (e.g. a multicast address as SOURCE).
+    for i, name in enumerate(names):
+        if _address_kind(name) is not None:
+            raise InvalidParams(
+                f"oifs[{i}]",
+                f"{name} is an address, not an interface name; expected {form} "
+                "(SOURCE is a unicast address, GROUP a multicast one)",
+            )
+    return source, group, names
 
 
 def _mutation_text(ctx: Ctx, verb: str, done: str, description: str) -> None:

@@ -135,7 +135,8 @@ def test_bad_input_is_refused_with_exit_1_and_the_daemon_keeps_running(
         ("route", "add", "up0", SRC4, "239.1.1.5", "up0"): "input interface",
         ("route", "add", "up0", SRC4, "239.1.1.5", "dn1", "dn1"): "duplicate",
         ("route", "add", "a/b", SRC4, "239.1.1.5", "dn1"): "iif",
-        ("route", "add", "up0", "ff3e::1", "239.1.1.5", "dn1"): "source",
+        ("route", "add", "up0", "ff3e::1", "239.1.1.5", "dn1"): "SOURCE is a unicast",
+        ("route", "add", "up0", "2001:db8:1::2", "239.1.1.5", "dn1"): "source",
         ("route", "del", "up0", SRC4, "239.9.9.9"): "no such rule",
     }
     for argv, expected in cases.items():
