@@ -42,6 +42,7 @@ class _Join:
     ifindex: int | None = None
     sock: _Sock | None = None
     error: str | None = None
+    errno: int = 0
 
 
 class Membership:
@@ -69,7 +70,7 @@ class Membership:
         if ifindex is not None:
             self._do_join(key, j, ifindex)
             if j.error is not None:
-                raise KernelRefused(f"join {group} on {iface}", 0, j.error)
+                raise KernelRefused(f"join {group} on {iface}", j.errno, j.error)
         self._joins[key] = j
 
     def leave(self, iface: str, group: str, source: str | None = None) -> bool:
@@ -150,7 +151,7 @@ class Membership:
                 pool.append(slot)
             mcast_join(slot.sock, family, ifindex, group, source)
         except OSError as exc:
-            j.error = f"{exc.strerror or exc}"
+            j.error, j.errno = f"{exc.strerror or exc}", exc.errno or 0
             self._log.warning("cannot join %s on %s: %s", group, iface, j.error)
             if slot is not None and not slot.groups:
                 pool.remove(slot)
