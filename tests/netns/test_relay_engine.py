@@ -6,6 +6,7 @@ namespace: src -- router(up0 | dn1, dn2) -- rcv1, rcv2.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,14 @@ def test_workers_unprivileged(drv: Driver) -> None:
         assert fields["Groups"].strip() == ""
         assert fields["NoNewPrivs"].strip() == "1"
         assert fields["CapEff"].strip() == "0000000000000000"
+        # Only what it was given: /dev/null, the log, its channel (no rules yet).
+        fds = {
+            int(f): os.readlink(f"/proc/{w['pid']}/fd/{f}")
+            for f in os.listdir(f"/proc/{w['pid']}/fd")
+        }
+        assert fds[0] == "/dev/null" and fds[1] == fds[2]
+        extra = [v for k, v in fds.items() if k > 2]
+        assert len(extra) == 1 and extra[0].startswith("socket:")
 
 
 def test_sigkill_every_worker_traffic_resumes(lab: StandardLab, drv: Driver) -> None:

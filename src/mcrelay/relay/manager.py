@@ -244,6 +244,12 @@ class RelayManager:
                 env,
                 setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD),
                 setsigmask=(),
+                # stdin from /dev/null, stdout to the supervisor's stderr (the log):
+                # a worker must not hold or write the supervisor's stdin/stdout.
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, 2, 1),
+                ],
             )
         except OSError as exc:
             parent.close()
