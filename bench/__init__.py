@@ -1,0 +1,1 @@
+"""Benchmarks for mcrelay (``make bench``); see README "Performance"."""
