@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import collections
 import contextlib
 import logging
 import os
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from . import protocol
 from .control_messages import Call, ControlSettings, Reply
 from .errors import InvalidRequest, LimitExceeded, McrelayError, PermissionDenied
-from .ipc import _LAST, _MORE, FRAME, Channel, ProtocolViolation, encode, expect
+from .ipc import Channel, ProtocolViolation, expect
 
 SO_PEERGROUPS = 59  # Linux >= 4.13, asm-generic/socket.h
 MAX_OUTBUF = 64 * 1024 * 1024
@@ -119,7 +118,6 @@ class ControlServer:
         self.pending: dict[int, tuple[Peer, int | str | None, bool]] = {}
         self.seq = 0
         self.running = True
-        self._frames: collections.deque[tuple[bytes, bytes]] = collections.deque()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, "accept")
         self.sel.register(channel.sock, selectors.EVENT_READ, "channel")
@@ -164,6 +162,8 @@ class ControlServer:
             sock.setblocking(False)
             _, uid, gid, groups = peer_credentials(sock)
             if len(self.peers) >= self.settings.max_connections:
+                self._drop_hung_up()
+            if len(self.peers) >= self.settings.max_connections:
                 err = LimitExceeded(
                     f"too many connections (limit {self.settings.max_connections}); try again"
                 )
@@ -198,6 +198,21 @@ class ControlServer:
         else:
             self.sel.modify(peer.sock, events, "peer")
         peer.events = events
+
+    def _drop_hung_up(self) -> None:
+        """Close peers that already hung up but whose EOF this loop has not read yet.
+
+        Without this, a client that disconnects and reconnects at once can be
+        refused for a connection slot it no longer holds.
+        """
+        for peer in list(self.peers.values()):
+            try:
+                if peer.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self._close(peer)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(peer)
 
     def _close(self, peer: Peer) -> None:
         fd = peer.sock.fileno()
@@ -287,28 +302,27 @@ class ControlServer:
     # ------------------------------------------------------------ supervisor channel
 
     def _send_call(self, call: Call) -> None:
-        """Queue a call for the supervisor as channel frames and send what fits now."""
-        data = encode(call)
-        chunks = [data[i : i + FRAME] for i in range(0, len(data), FRAME)] or [b""]
-        for i, chunk in enumerate(chunks):
-            self._frames.append((_LAST if i == len(chunks) - 1 else _MORE, chunk))
-        self._flush_channel()
+        """Queue a call for the supervisor and send what fits now, never blocking."""
+        try:
+            self.channel.post(call)
+        except OSError as exc:
+            log.info("supervisor went away (%s); exiting", exc)
+            self.running = False
+            return
+        self._watch_channel()
 
     def _flush_channel(self) -> None:
-        sock = self.channel.sock
-        while self._frames:
-            flag, chunk = self._frames[0]
-            try:
-                sock.sendmsg([flag, chunk], [], socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.info("supervisor went away (%s); exiting", exc)
-                self.running = False
-                return
-            self._frames.popleft()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._frames else 0)
-        self.sel.modify(sock, events, "channel")
+        try:
+            self.channel.flush()
+        except OSError as exc:
+            log.info("supervisor went away (%s); exiting", exc)
+            self.running = False
+            return
+        self._watch_channel()
+
+    def _watch_channel(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.channel.wants_write else 0)
+        self.sel.modify(self.channel.sock, events, "channel")
 
     # ------------------------------------------------------------ requests
 

@@ -14,6 +14,7 @@ provides ``to_wire()``/``from_wire()``.
 from __future__ import annotations
 
 import array
+import collections
 import dataclasses
 import json
 import os
@@ -89,6 +90,7 @@ class Channel:
         self._parts: list[bytes] = []
         self._fds: list[int] = []
         self._size = 0
+        self._outbox: collections.deque[bytes] = collections.deque()
 
     @staticmethod
     def pair() -> tuple[Channel, Channel]:
@@ -116,6 +118,31 @@ class Channel:
             if i == 0 and fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             self.sock.sendmsg([flag, chunk], anc)
+
+    def post(self, msg: Any) -> None:
+        """Queue a message (no descriptors) and send what the socket takes without blocking.
+
+        For peers that must never stall each other: call :meth:`flush` when the
+        socket is writable again while :attr:`wants_write` is true.
+        """
+        data = encode(msg)
+        chunks = [data[i : i + FRAME] for i in range(0, len(data), FRAME)] or [b""]
+        for i, chunk in enumerate(chunks):
+            self._outbox.append((_LAST if i == len(chunks) - 1 else _MORE) + chunk)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send queued frames until the socket would block (raises OSError if the peer is gone)."""
+        while self._outbox:
+            try:
+                self.sock.send(self._outbox[0], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            self._outbox.popleft()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._outbox)
 
     def recv(self) -> tuple[Any, list[int]] | None:
         """Read one frame; return a whole message when complete, None if more is needed.

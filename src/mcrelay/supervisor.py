@@ -261,10 +261,10 @@ class Supervisor:
             except InterruptedError:
                 events = []
             now = time.monotonic()
-            for key, _ in events:
+            for key, mask in events:
                 kind, arg = key.data
                 try:
-                    self._dispatch(kind, arg, now)
+                    self._dispatch(kind, arg, now, mask)
                 except Exception:
                     log.exception("error handling %s event", kind)
             self._reap()
@@ -275,7 +275,7 @@ class Supervisor:
                 next_tick = now + TICK
                 self._tick(now)
 
-    def _dispatch(self, kind: str, arg: Any, now: float) -> None:
+    def _dispatch(self, kind: str, arg: Any, now: float, mask: int) -> None:
         if kind == "wake":
             with contextlib.suppress(BlockingIOError):
                 self._wake_r.recv(4096)
@@ -284,7 +284,10 @@ class Supervisor:
         elif kind == "kernel":
             self.kernel.handle_readable(arg, now)
         elif kind == "control":
-            self._from_control()
+            if mask & selectors.EVENT_WRITE:
+                self._flush_control()
+            if mask & selectors.EVENT_READ:
+                self._from_control()
         elif kind == "relay":
             self.relays.handle_readable(arg, now)
 
@@ -404,7 +407,31 @@ class Supervisor:
         if not isinstance(msg, Call):
             log.warning("unexpected message from control: %s", type(msg).__name__)
             return
-        chan.send(self._execute(msg))
+        # Never block on the control process: a stuck control child must not
+        # stall kernel upcalls, netlink or the workers.
+        try:
+            chan.post(self._execute(msg))
+        except OSError as exc:
+            log.warning("control channel: %s", exc)
+        self._watch_control()
+
+    def _flush_control(self) -> None:
+        chan = self.control.channel
+        if chan is None:
+            return
+        try:
+            chan.flush()
+        except OSError as exc:
+            log.warning("control channel: %s", exc)
+        self._watch_control()
+
+    def _watch_control(self) -> None:
+        chan = self.control.channel
+        if chan is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if chan.wants_write else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(chan.sock, events, ("control", None))
 
     def _execute(self, call: Call) -> Reply:
         try:
@@ -466,7 +493,8 @@ class Supervisor:
         kept = {k: getattr(self.settings, k) for k in needs}
         self.settings = _with(new, kept)
         if self.control.channel is not None:
-            self.control.channel.send(self._control_settings())
+            self.control.channel.post(self._control_settings())
+            self._watch_control()
         log.info("SIGHUP: settings re-read")
         self.notifier.ready()
 
