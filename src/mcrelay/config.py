@@ -132,7 +132,7 @@ def _show(value: Any) -> str:
 
 def _int(value: Any, low: int, high: int, unit: str = "") -> int:
     """An integer in [low, high]; a string of digits is accepted (CLI, quoted TOML)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _Bad(f"must be an integer {low}-{high}{unit}, got {_show(value)}")
@@ -225,7 +225,7 @@ def _metrics_listen(value: Any) -> str | None:
     if not isinstance(value, str):
         raise _Bad(f"{allowed}, got {_show(value)}")
     host, colon, port = value.strip().rpartition(":")
-    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not colon or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise _Bad(f"{allowed}, port 1-65535, got {_show(value)}")
     if host.startswith("[") and host.endswith("]"):
         try:

@@ -86,7 +86,7 @@ def _proc_status() -> dict[str, str]:
 def resolve_user(name: str) -> tuple[int, int]:
     """(uid, primary gid) of a user name or numeric uid; raises PrivilegeDropFailed."""
     try:
-        pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        pw = pwd.getpwuid(int(name)) if name.isascii() and name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError):
         raise PrivilegeDropFailed(
             f"user {name!r} does not exist; set 'user' in mcrelay.toml to an unprivileged "
@@ -97,7 +97,7 @@ def resolve_user(name: str) -> tuple[int, int]:
 
 def resolve_group(name: str) -> int | None:
     """gid of a group name or numeric gid; None if there is no such group."""
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid
