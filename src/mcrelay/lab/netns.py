@@ -659,6 +659,7 @@ class Lab:
         recv_iface: str,
         *,
         recv_address: str | None = None,
+        recv_port: int | None = None,
         ttl: int = 16,
         timeout: float = 5.0,
         interval: float = 0.05,
@@ -669,10 +670,15 @@ class Lab:
         forwards IPv6 multicast on a fresh link only after about a second, and
         a daemon needs a moment to install routes. Probes use stream
         ``traffic.PROBE_STREAM``, which receivers count apart (``probes``).
-        ``recv_address`` is the group/address to listen on (default dest).
+        ``recv_address``/``recv_port`` is where to listen (default dest:port),
+        for relays that translate the group or port.
         """
         rsock = self.in_ns(
-            recv_ns, traffic.open_receiver, recv_address or dest, port, iface=recv_iface
+            recv_ns,
+            traffic.open_receiver,
+            recv_address or dest,
+            recv_port or port,
+            iface=recv_iface,
         )
         try:
             ssock = self.in_ns(send_ns, traffic.open_sender, dest, iface=iface, ttl=ttl)
