@@ -549,7 +549,7 @@ class RelayManager:
                     "pid": s.pid,
                     "state": s.state,
                     "restarts": s.restarts,
-                    "cpu": round(s.cpu_base + s.cpu, 3),
+                    "cpu_seconds": round(s.cpu_base + s.cpu, 3),
                     "user": user,
                     "received": s.wstats.get("received", 0),
                     "unmatched": s.wstats.get("unmatched", 0),
