@@ -396,8 +396,11 @@ class Supervisor:
             log.warning("control channel: %s", exc)
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(chan.sock)
+            # os.kill, not Popen.kill: Popen polls (and so reaps) first, and the
+            # exit would then never reach _reap and the restart logic.
             if self.control.proc is not None:
-                self.control.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.control.proc.pid, signal.SIGKILL)
             return
         if got is None:
             return

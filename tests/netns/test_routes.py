@@ -6,12 +6,13 @@ Topology (tests/netns/conftest.py `lab`):  src --up0 [router] dn1-- rcv1
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
 from pathlib import Path
 
-from mcrelay.lab import Lab, LinkSpec, StandardLab
+from mcrelay.lab import Lab, LinkSpec, StandardLab, wait_for
 from mcrelay.lab.daemon import DaemonProcess
 
 SRC4 = "192.0.2.2"
@@ -191,3 +192,77 @@ def test_the_32_vif_boundary(lab: StandardLab) -> None:
         # Freeing one oif makes room again.
         d.cli("route", "del", "up0", SRC4, "239.3.3.3", check=True)
         d.cli("route", "add", "up0", SRC4, "239.3.3.4", "extra", check=True)
+
+
+def control_pid(d: DaemonProcess) -> int:
+    """PID of the control child (the one running `mcrelay.control`)."""
+    for pid in d.children():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"mcrelay.control" in cmdline:
+            return pid
+    raise AssertionError("no control process found")
+
+
+def test_kernel_routes_keep_forwarding_while_the_control_process_restarts(
+    lab: StandardLab, daemon: DaemonProcess
+) -> None:
+    daemon.cli("route", "add", "up0", SRC4, "239.1.1.7", "dn1", check=True)
+    wait_path(lab, "239.1.1.7")
+    first = control_pid(daemon)
+    receiver = lab.receiver("rcv1", "239.1.1.7", PORT, "veth0", count=600, duration=6, idle=2)
+
+    os.kill(first, signal.SIGKILL)
+    lab.send("src", "239.1.1.7", PORT, iface="veth0", count=600, ttl=8, rate=1000)
+
+    assert receiver.result().count == 600, "the kernel forwarded every packet meanwhile"
+    res = daemon.cli("status")
+    assert res.returncode == 0, (res.stderr, daemon.log()[-2000:])
+    assert control_pid(daemon) != first
+    assert daemon.cli_json("status")["control_restarts"] == 1
+    assert "control process exited (killed by SIGKILL)" in daemon.log()
+
+
+def test_learned_star_g_sources_expire_when_idle(lab: StandardLab) -> None:
+    with DaemonProcess(lab, "router", config="learned_expiry = 2\n") as d:
+        d.start()
+        d.cli("route", "add", "up0", "239.2.2.8", "dn1", check=True)
+        wait_path(lab, "239.2.2.8")
+        assert ("239.2.2.8", SRC4) in mfc_entries(lab)
+
+        wait_for(
+            lambda: ("239.2.2.8", SRC4) not in mfc_entries(lab),
+            timeout=8,
+            what="the idle learned (S,G) to leave the kernel",
+        )
+        (route,) = d.cli_json("show", "routes")["routes"]
+        assert route["learned"] == [] and route["state"] == "active"
+        wait_path(lab, "239.2.2.8")  # a new packet installs it again
+        assert ("239.2.2.8", SRC4) in mfc_entries(lab)
+
+
+def test_a_route_waits_while_its_interface_is_gone_and_returns_with_it(
+    lab: StandardLab, daemon: DaemonProcess
+) -> None:
+    daemon.cli("route", "add", "up0", SRC4, "239.1.1.9", "dn1", check=True)
+    wait_path(lab, "239.1.1.9")
+
+    lab.ip("router", "link", "del", "dn1")  # takes rcv1's veth0 with it
+    wait_for(
+        lambda: "dn1" not in lab.run("router", "cat", "/proc/net/ip_mr_vif").stdout,
+        timeout=5,
+        what="the dn1 VIF to go",
+    )
+    (route,) = daemon.cli_json("show", "routes")["routes"]
+    assert route["oifs"] == [{"name": "dn1", "ttl": 1}], "the rule is kept as written"
+
+    lab.add_link(
+        "router", "dn1", "rcv1", "veth0",
+        v4_a="198.51.100.1/24", v4_b="198.51.100.2/24",
+    )  # fmt: skip
+    wait_path(lab, "239.1.1.9")  # re-created with a new ifindex: VIF and MFC rebuilt
+    got1, got2 = forward(lab, "239.1.1.9", count=20)
+    assert got1.count == 20 and got2.count == 0
+    assert daemon.cli_json("show", "routes")["routes"][0]["state"] == "active"
