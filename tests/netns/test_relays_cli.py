@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 from mcrelay.lab import StandardLab, wait_for
-from mcrelay.lab.daemon import DaemonProcess
+from mcrelay.lab.daemon import CLI, DaemonProcess
+from mcrelay.lab.netns import python_env
 
 
 def relay_path(lab: StandardLab, group: str, port: int, out: str, out_port: int, rcv: str) -> None:
@@ -135,3 +137,33 @@ def test_relays_survive_a_restart_and_workers_restart_after_sigkill(lab: Standar
 
         wait_for(restarted, timeout=5, what="both workers restarted and counted")
         assert "restart" in d.log()
+
+
+def test_mcrelay_trace_shows_each_relayed_packet(lab: StandardLab, daemon: DaemonProcess) -> None:
+    daemon.cli("relay", "add", "t", "--in", "239.1.1.4:5000@up0", "--out", "239.7.7.7:6000@dn1",
+               check=True)  # fmt: skip
+    relay_path(lab, "239.1.1.4", 5000, "239.7.7.7", 6000, "rcv1")
+    trace = subprocess.Popen(
+        [*CLI, "--socket", daemon.socket, "trace", "t", "--count", "5", "--duration", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+    )
+    try:
+        wait_for(
+            lambda: daemon.call("relay.list")["relays"][0].get("traced"),
+            timeout=10,
+            what="tracing to start",
+        )
+        lab.send("src", "239.1.1.4", 5000, iface="veth0", count=5, size=300, rate=100)
+        out, err = trace.communicate(timeout=20)
+    finally:
+        if trace.poll() is None:
+            trace.kill()
+    lines = out.splitlines()
+    assert trace.returncode == 0, err
+    assert len(lines) == 5
+    assert all("192.0.2.2" in line and "300" in line for line in lines), lines
+    assert "5 packets traced" in err
+    assert not daemon.call("relay.list")["relays"][0].get("traced"), "trace stopped after"
