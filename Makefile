@@ -5,6 +5,7 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 DEBS    := python3 python3-venv python3-pip python3-pyroute2 python3-systemd \
+           python3-prometheus-client \
            iproute2 procps socat gcc libc6-dev
 STAMP_DEBS := $(VENV)/.debs
 STAMP_PIP  := $(VENV)/.pip
@@ -13,7 +14,7 @@ STAMP_PIP  := $(VENV)/.pip
 
 all: test
 
-$(STAMP_DEBS):
+$(STAMP_DEBS): Makefile
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

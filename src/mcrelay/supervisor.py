@@ -35,12 +35,14 @@ from .relay.manager import RelayManager
 from .sdnotify import Notifier
 from .service import RuleService
 from .state import StateStore
+from .stats import MetricsExporter
 
 log = logging.getLogger("mcrelay")
 
 BACKOFF_START = 0.1
 BACKOFF_CAP = 5.0
 TICK = 0.5
+METRICS_EVERY = 2.0
 
 
 class StartupError(Exception):
@@ -126,6 +128,8 @@ class Supervisor:
         self.store = StateStore(settings.state)
         self._wake_r, self._wake_w = socket.socketpair()
         self._last_watchdog = 0.0
+        self.metrics: MetricsExporter | None = None
+        self._last_metrics = -METRICS_EVERY
 
     # ------------------------------------------------------------ start-up
 
@@ -185,6 +189,7 @@ class Supervisor:
                 log.critical("cannot serve the control socket: %s", exc)
                 return 1
             self._start_control(time.monotonic())
+            self._start_metrics()
             self._register()
             self.notifier.ready()
             self._status_line()
@@ -199,6 +204,28 @@ class Supervisor:
             return 0
         finally:
             self._shutdown()
+
+    def _start_metrics(self) -> None:
+        address = self.settings.metrics_address
+        if address is None:
+            return
+        try:
+            self.metrics = MetricsExporter(*address)
+        except ImportError:
+            log.error("metrics_listen is set but prometheus-client is not installed; no metrics")
+        except OSError as exc:
+            log.error("cannot serve metrics on %s: %s", self.settings.metrics_listen, exc)
+        else:
+            self._publish_metrics(time.monotonic())
+
+    def _publish_metrics(self, now: float) -> None:
+        if self.metrics is None or now - self._last_metrics < METRICS_EVERY:
+            return
+        self._last_metrics = now
+        try:
+            self.metrics.publish(self.service.execute(protocol.Command("stats.get")))
+        except Exception:
+            log.exception("collecting metrics failed")
 
     def _open_listener(self) -> socket.socket:
         gid = resolve_group(self.settings.socket_group)
@@ -310,6 +337,7 @@ class Supervisor:
             log.exception("relay manager tick failed")
         if self.control.proc is None and now >= self.control.next_start:
             self._start_control(now)
+        self._publish_metrics(now)
         interval = self.notifier.watchdog_interval()
         if interval is not None and now - self._last_watchdog >= interval:
             self._last_watchdog = now
