@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, protocol
-from .config import Settings, load_settings, restart_required
+from .config import (
+    Settings,
+    admin_gid,
+    apply_reload,
+    load_settings,
+    restart_required,
+    socket_gid,
+)
 from .control_messages import Call, ControlSettings, Reply
 from .errors import INTERNAL_ERROR, McrelayError, StateFileError
 from .ipc import Channel, ProtocolViolation
@@ -30,7 +37,6 @@ from .kernel.engine import KernelEngine
 from .membership import Membership
 from .model import GroupJoin
 from .netlink import InterfaceTable
-from .privileges import resolve_group
 from .relay.manager import RelayManager
 from .sdnotify import Notifier
 from .service import RuleService
@@ -228,22 +234,16 @@ class Supervisor:
             log.exception("collecting metrics failed")
 
     def _open_listener(self) -> socket.socket:
-        gid = resolve_group(self.settings.socket_group)
-        if gid is None:
-            log.warning(
-                "group %r does not exist; the control socket is group root (0)",
-                self.settings.socket_group,
-            )
-            gid = 0
+        gid, warning = socket_gid(self.settings)
+        if warning:
+            log.warning("%s", warning)
         self.socket_gid = gid
         return bind_control_socket(self.settings.socket, gid)
 
     def _control_settings(self) -> ControlSettings:
-        admin = None
-        if self.settings.admin_group:
-            admin = resolve_group(self.settings.admin_group)
-            if admin is None:
-                log.warning("admin group %r does not exist", self.settings.admin_group)
+        admin, warning = admin_gid(self.settings)
+        if warning:
+            log.warning("%s", warning)
         return ControlSettings(
             socket_gid=self.socket_gid,
             admin_gid=admin,
@@ -521,8 +521,7 @@ class Supervisor:
             log.warning("SIGHUP: %s change(s) need a restart to take effect", ", ".join(needs))
         logging.getLogger().setLevel(new.log_level.upper())
         self.kernel.learned_expiry = new.learned_expiry
-        kept = {k: getattr(self.settings, k) for k in needs}
-        self.settings = _with(new, kept)
+        self.settings = apply_reload(self.settings, new)
         if self.control.channel is not None:
             self.control.channel.post(self._control_settings())
             self._watch_control()
@@ -554,12 +553,6 @@ class Supervisor:
             self.listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.socket)
-
-
-def _with(settings: Settings, values: dict[str, Any]) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, **values)
 
 
 def _brief(params: dict[str, Any]) -> str:
