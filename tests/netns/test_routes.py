@@ -266,3 +266,27 @@ def test_a_route_waits_while_its_interface_is_gone_and_returns_with_it(
     got1, got2 = forward(lab, "239.1.1.9", count=20)
     assert got1.count == 20 and got2.count == 0
     assert daemon.cli_json("show", "routes")["routes"][0]["state"] == "active"
+
+
+def test_the_control_process_runs_unprivileged_and_holds_no_kernel_socket(
+    daemon: DaemonProcess,
+) -> None:
+    pid = control_pid(daemon)
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert status["Uid"].split() == ["65534"] * 4
+    assert status["Groups"].strip() == ""
+    assert int(status["CapEff"].strip(), 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    # Only the listening socket, the supervisor channel, stdio and its own
+    # selector/epoll: never the mroute or AF_PACKET sockets.
+    kinds = {
+        os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0] for fd in os.listdir(f"/proc/{pid}/fd")
+    }
+    sockets = [
+        fd for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    ]  # fmt: skip
+    assert len(sockets) == 2, "the listening socket and the supervisor channel, nothing else"
+    assert kinds <= {"socket", "anon_inode", "/dev/null", "pipe"}, kinds
