@@ -132,28 +132,83 @@ class RecvVec:
             u[i * I_STRIDE + I_NAMELEN] = self.namelen
 
 
+class Cmsghdr(ctypes.Structure):
+    _fields_ = [
+        ("cmsg_len", ctypes.c_size_t),
+        ("cmsg_level", ctypes.c_int),
+        ("cmsg_type", ctypes.c_int),
+    ]
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: GSO segment size, a u16 in a cmsg
+# CMSG_LEN(sizeof(u16)) and CMSG_SPACE(sizeof(u16)) for the UDP_SEGMENT cmsg
+GSO_CMSG_LEN = ctypes.sizeof(Cmsghdr) + 2
+GSO_CMSG_SPACE = (GSO_CMSG_LEN + 7) & ~7
+Q_CONTROL = _w64("msg_control")
+Q_CONTROLLEN = _w64("msg_controllen")
+
+
 class SendVec:
-    """``n`` single-iovec messages whose buffers and destinations are set per packet."""
+    """``n`` messages over ``n`` iovecs whose buffers and destinations are set per packet.
+
+    Message ``m`` may gather several consecutive iovecs (``msg_iovlen`` > 1);
+    with :meth:`set_gso` it then carries a ``UDP_SEGMENT`` cmsg, so the kernel
+    sends the iovecs as that many datagrams of the segment size (UDP GSO), one
+    trip through the stack for all of them.
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.hdrs = (Mmsghdr * n)()
         self.hdrs_addr = ctypes.addressof(self.hdrs)
         self.iovs = (Iovec * n)()
+        self.iovs_addr = ctypes.addressof(self.iovs)
+        self.ctl = (ctypes.c_char * (n * GSO_CMSG_SPACE))()
+        self.ctl_addr = ctypes.addressof(self.ctl)
         for i in range(n):
             h = self.hdrs[i].msg_hdr
             h.msg_iov = ctypes.addressof(self.iovs[i])
             h.msg_iovlen = 1
+            c = Cmsghdr.from_address(self.ctl_addr + i * GSO_CMSG_SPACE)
+            c.cmsg_len = GSO_CMSG_LEN
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
         self.q = memoryview(self.hdrs).cast("B").cast("Q")
         self.u32 = memoryview(self.hdrs).cast("B").cast("I")
         self.iq = memoryview(self.iovs).cast("B").cast("Q")
+        self.ctl16 = memoryview(self.ctl).cast("B").cast("H")
 
     def set(self, i: int, name_addr: int, namelen: int, data_addr: int, length: int) -> None:
-        """Point message ``i`` at a destination sockaddr and a payload (no copy)."""
+        """Point message ``i`` (one iovec, ``i``) at a destination sockaddr and a payload."""
         self.q[i * Q_STRIDE + Q_NAME] = name_addr
         self.u32[i * I_STRIDE + I_NAMELEN] = namelen
+        self.q[i * Q_STRIDE + Q_IOV] = self.iovs_addr + 16 * i
+        self.q[i * Q_STRIDE + Q_IOVLEN] = 1
+        self.q[i * Q_STRIDE + Q_CONTROLLEN] = 0
         self.iq[2 * i] = data_addr
         self.iq[2 * i + 1] = length
+
+    def start(self, m: int, name_addr: int, namelen: int, first_iov: int) -> None:
+        """Message ``m`` goes to ``name_addr`` and starts at iovec ``first_iov``."""
+        q = self.q
+        b = m * Q_STRIDE
+        q[b + Q_NAME] = name_addr
+        self.u32[m * I_STRIDE + I_NAMELEN] = namelen
+        q[b + Q_IOV] = self.iovs_addr + 16 * first_iov
+
+    def finish(self, m: int, iovlen: int, gso_size: int) -> None:
+        """Message ``m`` has ``iovlen`` iovecs; segment size ``gso_size`` when > 0."""
+        q = self.q
+        b = m * Q_STRIDE
+        q[b + Q_IOVLEN] = iovlen
+        if gso_size:
+            off = m * GSO_CMSG_SPACE
+            q[b + Q_CONTROL] = self.ctl_addr + off
+            q[b + Q_CONTROLLEN] = GSO_CMSG_SPACE
+            self.ctl16[(off + ctypes.sizeof(Cmsghdr)) // 2] = gso_size
+        else:
+            q[b + Q_CONTROLLEN] = 0
 
     def send(self, fd: int, start: int, count: int) -> int:
         """sendmmsg of messages [start, start+count); see :func:`sendmmsg`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 from collections import deque
 from typing import Any
@@ -25,6 +26,13 @@ from mcrelay.relay.messages import NO_BUFFER, QUEUE, SEND_ERROR
 from mcrelay.relay.mmsg import SendVec
 
 BACKLOG_LIMIT = 4096
+
+# UDP GSO: on unless MCRELAY_GSO=0 (kept for measuring; see README "Performance").
+GSO = os.environ.get("MCRELAY_GSO", "1") != "0"
+GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS is 64 (128 since 6.x)
+GSO_BYTES = 65507 - 8  # one IPv4 UDP datagram's worth of payload
+# errnos of a GSO send the path cannot do (MTU below the segment, no csum offload, xfrm)
+_GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.EOPNOTSUPP})
 
 
 class Output:
@@ -124,18 +132,38 @@ class Backlog:
 
 
 class SendQueue:
-    """Messages for one egress socket, sent with sendmmsg when full or at batch end."""
+    """Messages for one egress socket, sent with sendmmsg when full or at batch end.
+
+    Consecutive payloads of the same size for the same output are gathered
+    into one message with a ``UDP_SEGMENT`` cmsg (UDP GSO): the kernel builds
+    one super-packet and cuts it into datagrams as late as it can, so a batch
+    costs one trip through the IP stack instead of one per packet. A socket
+    whose GSO send is refused (path MTU below the size, no checksum offload)
+    falls back to one message per payload for good.
+    """
 
     def __init__(
-        self, sock: socket.socket, vlen: int, backlog: Backlog, dirty: list[SendQueue]
+        self,
+        sock: socket.socket,
+        vlen: int,
+        backlog: Backlog,
+        dirty: list[SendQueue],
+        gso: bool | None = None,
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.vlen = vlen
         self.sv = SendVec(vlen)
-        self.n = 0
+        self.iq = self.sv.iq
+        self.n = 0  # payloads queued
+        self.m = 0  # messages closed
         self.outs: list[Output | None] = [None] * vlen
         self.lens = [0] * vlen
+        self.first = [0] * (vlen + 1)  # first payload of each message
+        self.cur: Output | None = None  # output and size of the open message
+        self.cur_len = -1
+        self.cur_left = 0  # payloads the open message may still take
+        self.gso = GSO if gso is None else gso
         self.backlog = backlog
         self.dirty = dirty
         self.blocked = False
@@ -151,12 +179,25 @@ class SendQueue:
             self.backlog.enqueue(out, ctypes.string_at(data_addr, length))
             return
         i = self.n
-        self.sv.set(i, out.name_addr, out.name_len, data_addr, length)
+        iq = self.iq
+        iq[2 * i] = data_addr
+        iq[2 * i + 1] = length
         self.outs[i] = out
         self.lens[i] = length
         self.n = i + 1
-        if i == 0:
-            self.dirty.append(self)
+        if i and out is self.cur and length == self.cur_len and self.cur_left:
+            self.cur_left -= 1
+        else:
+            if i:
+                m = self.m = self.m + 1  # close the open message (payloads first[m] .. i-1)
+            else:
+                m = self.m = 0
+                self.dirty.append(self)
+            self.sv.start(m, out.name_addr, out.name_len, i)
+            self.first[m] = i
+            self.cur = out
+            self.cur_len = length
+            self.cur_left = min(GSO_SEGMENTS, GSO_BYTES // max(length, 1)) - 1 if self.gso else 0
         if i + 1 == self.vlen:
             self.flush()
             self.dirty.remove(self)
@@ -164,27 +205,59 @@ class SendQueue:
     def flush(self) -> None:
         """Send everything queued; failures are counted, would-block goes to the backlog."""
         n = self.n
-        self.n = 0
+        if not n:
+            return
+        self.m += 1  # close the open message
+        nm = self.m
+        first = self.first
+        first[nm] = n
+        sv = self.sv
+        lens = self.lens
+        for k in range(nm):
+            segs = first[k + 1] - first[k]
+            sv.finish(k, segs, lens[first[k]] if segs > 1 else 0)
+        self.n = self.m = 0
+        self.cur = None
         off = 0
-        while off < n:
-            r = self.sv.send(self.fd, off, n - off)
+        while off < nm:
+            r = sv.send(self.fd, off, nm - off)
             if r > 0:
                 off += r
                 continue
             err = -r
             if err == errno.EINTR:
                 continue
-            out = self.outs[off]
-            assert out is not None
+            a, b = first[off], first[off + 1]
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                iq = self.sv.iq
-                for j in range(off, n):
+                iq = self.iq
+                for j in range(a, n):
                     o = self.outs[j]
                     assert o is not None
-                    self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], self.lens[j]))
+                    self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], lens[j]))
                 break
-            _uncount(out, self.lens[off], NO_BUFFER if err == errno.ENOBUFS else SEND_ERROR)
+            if b - a > 1 and err in _GSO_REFUSED:
+                self.gso = False  # this path cannot segment: one datagram per message from now
+                self._send_each(a, b)
+            else:
+                for j in range(a, b):
+                    o = self.outs[j]
+                    assert o is not None
+                    _uncount(o, lens[j], NO_BUFFER if err == errno.ENOBUFS else SEND_ERROR)
             off += 1
+
+    def _send_each(self, a: int, b: int) -> None:
+        """Send payloads [a, b) one sendto each (after a refused GSO message)."""
+        iq = self.iq
+        for j in range(a, b):
+            o = self.outs[j]
+            assert o is not None
+            try:
+                self.sock.sendto(ctypes.string_at(iq[2 * j], self.lens[j]), o.pyaddr)
+            except BlockingIOError:
+                self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], self.lens[j]))
+            except OSError as exc:
+                reason = NO_BUFFER if exc.errno == errno.ENOBUFS else SEND_ERROR
+                _uncount(o, self.lens[j], reason)
 
     def close(self) -> None:
         self.closed = True
