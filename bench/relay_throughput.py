@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         path = RESULTS / f"profile-{engine}.txt"
                         RESULTS.mkdir(exist_ok=True)
                         with profiling(b.worker_pids()[0], path, args.duration):
-                            b.measure(engine, 64, 1, 1, duration=args.duration)
+                            b.measure(engine, 64, 1, 1, rate=s.offered_pps, duration=args.duration)
                         profile = summarise_profile(path)
         if args.many:
             for engine in [e for e in engines if e != "kernel"]:
