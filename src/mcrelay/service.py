@@ -34,12 +34,16 @@ from .transaction import Transaction
 log = logging.getLogger("mcrelay.service")
 
 
+class Diff(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class KernelRoutes(Protocol):
     """What the service needs of the kernel engine (kernel/engine.py)."""
 
     def add_route(self, route: Route, dry_run: bool = False) -> None: ...
     def del_route(self, key: RouteKey, dry_run: bool = False) -> None: ...
-    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> Any: ...
+    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> Diff: ...
     def routes(self) -> Sequence[Any]: ...
 
 
@@ -237,7 +241,7 @@ class RuleService:
                 self._commit(new)
         return {
             "diff": {
-                "routes": route_diff.to_dict() if hasattr(route_diff, "to_dict") else route_diff,
+                "routes": route_diff.to_dict(),
                 "relays": relay_diff,
                 "groups": group_diff,
             },
