@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -38,6 +39,16 @@ RULES: dict[str, Any] = {
         {"iface": "dn2", "group": "232.5.5.5", "source": "203.0.113.9"},
     ],
 }
+
+
+@dataclass(frozen=True)
+class FakeDiff:
+    """What the kernel engine's RouteDiff offers the service."""
+
+    diff: dict[str, list[Any]]
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return self.diff
 
 
 class Refused(KernelRefused):
@@ -70,7 +81,7 @@ class FakeKernel:
         if not dry_run:
             del self.installed[key]
 
-    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> dict[str, list[Any]]:
+    def replace(self, routes: Sequence[Route], dry_run: bool = False) -> FakeDiff:
         self._maybe_fail("replace")
         new = {r.key: r for r in routes}
         diff = {
@@ -84,7 +95,7 @@ class FakeKernel:
         }
         if not dry_run:
             self.installed = new
-        return diff
+        return FakeDiff(diff)
 
     def routes(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self.installed.values()]
