@@ -242,7 +242,7 @@ class RuleService:
         return {
             "diff": {
                 "routes": route_diff.to_dict(),
-                "relays": relay_diff,
+                "relays": _relay_diff_rules(relay_diff, old.relays, new.relays),
                 "groups": group_diff,
             },
             "dry_run": dry,
@@ -327,3 +327,16 @@ class RuleService:
         self._require_relay(cmd.name)
         records, cursor = self.relay_engine.trace_read(cmd.name, cmd.cursor)
         return {"records": records, "cursor": cursor}
+
+
+def _relay_diff_rules(
+    diff: dict[str, list[Any]], old: Sequence[Relay], new: Sequence[Relay]
+) -> dict[str, list[Any]]:
+    """The relay engine reports names; clients get whole rules, as for routes."""
+    before = {r.name: r.to_dict() for r in old}
+    after = {r.name: r.to_dict() for r in new}
+    return {
+        "added": [after[n] for n in diff.get("added", []) if n in after],
+        "removed": [before[n] for n in diff.get("removed", []) if n in before],
+        "changed": [after[n] for n in diff.get("changed", []) if n in after],
+    }

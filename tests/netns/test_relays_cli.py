@@ -7,6 +7,7 @@ tests show what a user does: `relay add` with SPECs, `show relays`,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +168,41 @@ def test_mcrelay_trace_shows_each_relayed_packet(lab: StandardLab, daemon: Daemo
     assert all("192.0.2.2" in line and "300" in line for line in lines), lines
     assert "5 packets traced" in err
     assert not daemon.call("relay.list")["relays"][0].get("traced"), "trace stopped after"
+
+
+def test_apply_and_export_carry_relays(lab: StandardLab, daemon: DaemonProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rules = {
+        "version": 1,
+        "routes": [{"iif": "up0", "source": "192.0.2.2", "group": "239.1.1.1", "oifs": ["dn1"]}],
+        "relays": [
+            {
+                "name": "ssdp",
+                "input": {"iif": "up0", "group": "239.255.255.250", "port": 1900},
+                "outputs": [{"address": "239.255.255.250", "port": 1900, "oif": "dn2", "ttl": 1}],
+            },
+            {
+                "name": "feed",
+                "mode": "socket",
+                "input": {"iif": "up0", "group": "239.1.1.5", "port": 5000},
+                "outputs": [{"address": "198.51.100.2", "port": 7000}],
+            },
+        ],
+    }
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(rules))
+    res = daemon.cli("apply", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "+ relay ssdp" in res.stdout and "+ relay feed" in res.stdout, res.stdout
+
+    relay_path(lab, "239.255.255.250", 1900, "239.255.255.250", 1900, "rcv2")
+    receiver = lab.receiver("rcv2", "239.255.255.250", 1900, "veth0", count=10, duration=3)
+    lab.send("src", "239.255.255.250", 1900, iface="veth0", count=10, ttl=1, rate=200)
+    got = receiver.result()
+    assert got.count == 10 and got.ttls == {"1": 10}, "TTL-1 SSDP relayed to the other segment"
+
+    exported = daemon.cli_json("export")
+    assert sorted(r["name"] for r in exported["relays"]) == ["feed", "ssdp"]
+    path.write_text(json.dumps(exported))
+    res = daemon.cli("apply", str(path))
+    assert res.returncode == 0 and "no changes" in res.stdout, res.stdout
+    assert daemon.cli_json("export") == exported

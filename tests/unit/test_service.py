@@ -124,8 +124,8 @@ class FakeRelays:
         self._maybe_fail("replace")
         new = {r.name: r for r in relays}
         diff = {
-            "added": [r.to_dict() for n, r in new.items() if n not in self.installed],
-            "removed": [r.to_dict() for n, r in self.installed.items() if n not in new],
+            "added": sorted(n for n in new if n not in self.installed),
+            "removed": sorted(n for n in self.installed if n not in new),
             "changed": [],
         }
         if not dry_run:
