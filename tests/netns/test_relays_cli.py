@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from mcrelay.lab import StandardLab, wait_for
 from mcrelay.lab.daemon import CLI, DaemonProcess
@@ -170,7 +171,9 @@ def test_mcrelay_trace_shows_each_relayed_packet(lab: StandardLab, daemon: Daemo
     assert not daemon.call("relay.list")["relays"][0].get("traced"), "trace stopped after"
 
 
-def test_apply_and_export_carry_relays(lab: StandardLab, daemon: DaemonProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_apply_and_export_carry_relays(
+    lab: StandardLab, daemon: DaemonProcess, tmp_path: Path
+) -> None:
     rules = {
         "version": 1,
         "routes": [{"iif": "up0", "source": "192.0.2.2", "group": "239.1.1.1", "oifs": ["dn1"]}],
