@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from test_client import FakeDaemon, RpcError, echo_route
+from fake_daemon import FakeDaemon, RpcError, echo_route
 
 from mcrelay import cli, cli_format, protocol
 from mcrelay.errors import INVALID_PARAMS, NO_SUCH_RULE
