@@ -50,6 +50,7 @@ def test_stats_roundtrip() -> None:
         {"received": 9},
         0.25,
         {"5": [{"time": 1.0, "source": "192.0.2.2:1", "size": 3, "outputs": [], "result": "x"}]},
+        (6, 8),
     )
     got, _ = roundtrip(msg)
     assert got == msg

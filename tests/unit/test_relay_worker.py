@@ -124,6 +124,26 @@ def test_send_error_counted_per_output() -> None:
     assert w.stats(1).relays[0].outputs == ((0, 0, 3),)
 
 
+def test_stats_send_changes_only(sink: socket.socket) -> None:
+    port = sink.getsockname()[1]
+    out = (m.OutputSpec("127.0.0.1", port, 0, 5, 0),)
+    a = m.TableEntry(1, "a", 1, "239.1.1.1", 5000, (), out)
+    b = m.TableEntry(2, "b", 1, "239.1.1.2", 5000, (), out)
+    w = make_worker(4, (a, b))
+    assert {r.id for r in w.stats(1).relays} == {1, 2}  # first Stats: everything
+    assert w.stats(2).relays == () and w.stats(2).gone == ()  # idle: nothing
+    n = load(w.rv_packet, [v4("192.0.2.2", "239.1.1.2", 5000, b"x" * 7)])
+    w.batch_v4(w.ingress[1], w.rv_packet, n)
+    for sq in w.dirty:
+        sq.flush()
+    st = w.stats(3)
+    assert [(r.id, r.counters[m.PACKETS], r.outputs) for r in st.relays] == [(2, 1, ((1, 7, 0),))]
+    w.handle(m.SetTable(2, (b,)), [])
+    w.rebuild()
+    st = w.stats(4)
+    assert st.relays == () and st.gone == (1,)
+
+
 def test_hot_path_rate(sink: socket.socket) -> None:
     """Python cost per packet of lookup + queueing (sendmmsg excluded): report, loosely bound."""
     port = sink.getsockname()[1]

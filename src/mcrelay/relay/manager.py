@@ -362,7 +362,10 @@ class RelayManager:
     def _on_message(self, slot: _Slot, msg: Any, now: float) -> None:
         slot.last_seen = now
         if isinstance(msg, m.Stats):
-            slot.stats = {r.id: r for r in msg.relays}
+            # Stats carries changes only (see m.Stats): merge, then drop what is gone.
+            slot.stats.update((rs.id, rs) for rs in msg.relays)
+            for gone_id in msg.gone:
+                slot.stats.pop(gone_id, None)
             slot.wstats = msg.worker
             slot.cpu = msg.cpu
             for rid, recs in msg.traces.items():

@@ -182,13 +182,19 @@ class RelayStats:
 @message
 @dataclass(frozen=True)
 class Stats:
-    """A worker's counters and the trace records gathered since the last Stats."""
+    """A worker's counters and the trace records gathered since the last Stats.
+
+    ``relays`` holds only the relays whose counters changed since the worker's
+    previous Stats (all of them in its first), ``gone`` the ids it reported
+    before and no longer holds; the receiver keeps the rest as they were.
+    """
 
     seq: int
     relays: tuple[RelayStats, ...]
     worker: dict[str, int]
     cpu: float
     traces: dict[str, list[dict[str, Any]]]
+    gone: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -197,6 +203,7 @@ class Stats:
             "w": self.worker,
             "cpu": self.cpu,
             "t": self.traces,
+            "g": list(self.gone),
         }
 
     @classmethod
@@ -211,7 +218,8 @@ class Stats:
         )
         worker = {str(k): int(v) for k, v in body["w"].items()}
         traces = {str(k): list(v) for k, v in body["t"].items()}
-        return cls(int(body["seq"]), relays, worker, float(body["cpu"]), traces)
+        gone = tuple(int(i) for i in body.get("g", ()))
+        return cls(int(body["seq"]), relays, worker, float(body["cpu"]), traces, gone)
 
 
 @message
