@@ -2,9 +2,9 @@
 
 :class:`SendQueue` batches the messages of one egress socket into a
 :class:`~mcrelay.relay.mmsg.SendVec` whose iovecs point into the receive
-buffer, and sends them with one ``sendmmsg``. Counters are credited when a
-message is queued and corrected on failure, so the success path touches each
-message once.
+buffer, and sends them with one ``sendmmsg``. Counters are credited per
+message just before the send and corrected on failure, so the success path
+touches them once per message, not once per payload.
 
 When a socket would block, the unsent payloads are copied into the worker's
 :class:`Backlog` (the only copy on any path), one FIFO per DSCP value. When a
@@ -157,8 +157,8 @@ class SendQueue:
         self.iq = self.sv.iq
         self.n = 0  # payloads queued
         self.m = 0  # messages closed
-        self.outs: list[Output | None] = [None] * vlen
-        self.lens = [0] * vlen
+        self.outs: list[Output | None] = [None] * vlen  # per message
+        self.lens = [0] * vlen  # per message: every payload of a message has one size
         self.first = [0] * (vlen + 1)  # first payload of each message
         self.cur: Output | None = None  # output and size of the open message
         self.cur_len = -1
@@ -171,21 +171,27 @@ class SendQueue:
         self.pending = 0
 
     def add(self, out: Output, data_addr: int, length: int) -> None:
-        """Queue one payload (an address in the receive buffer) for ``out``."""
-        oc = out.oc
-        oc[0] += 1
-        oc[1] += length
+        """Queue one payload (an address in the receive buffer) for ``out``.
+
+        This runs once per packet and output, so it does the least it can: two
+        iovec words and, when the payload joins the open GSO message (the common
+        case), one decrement. Output and size are kept per message, not per
+        payload, since a message has one of each; counters are credited per
+        message in :meth:`flush`, which always runs before anyone reads them.
+        """
         if self.blocked:
+            oc = out.oc
+            oc[0] += 1
+            oc[1] += length
             self.backlog.enqueue(out, ctypes.string_at(data_addr, length))
             return
         i = self.n
         iq = self.iq
         iq[2 * i] = data_addr
         iq[2 * i + 1] = length
-        self.outs[i] = out
-        self.lens[i] = length
         self.n = i + 1
-        if i and out is self.cur and length == self.cur_len and self.cur_left:
+        # cur is None while the queue is empty, so the first payload opens a message.
+        if out is self.cur and length == self.cur_len and self.cur_left:
             self.cur_left -= 1
         else:
             if i:
@@ -195,6 +201,8 @@ class SendQueue:
                 self.dirty.append(self)
             self.sv.start(m, out.name_addr, out.name_len, i)
             self.first[m] = i
+            self.outs[m] = out
+            self.lens[m] = length
             self.cur = out
             self.cur_len = length
             self.cur_left = min(GSO_SEGMENTS, GSO_BYTES // max(length, 1)) - 1 if self.gso else 0
@@ -213,9 +221,14 @@ class SendQueue:
         first[nm] = n
         sv = self.sv
         lens = self.lens
+        outs = self.outs
         for k in range(nm):
             segs = first[k + 1] - first[k]
-            sv.finish(k, segs, lens[first[k]] if segs > 1 else 0)
+            ln = lens[k]
+            sv.finish(k, segs, ln if segs > 1 else 0)
+            oc = outs[k].oc  # type: ignore[union-attr]
+            oc[0] += segs
+            oc[1] += segs * ln
         self.n = self.m = 0
         self.cur = None
         off = 0
@@ -227,37 +240,36 @@ class SendQueue:
             err = -r
             if err == errno.EINTR:
                 continue
-            a, b = first[off], first[off + 1]
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 iq = self.iq
-                for j in range(a, n):
-                    o = self.outs[j]
+                for k in range(off, nm):
+                    o = outs[k]
                     assert o is not None
-                    self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], lens[j]))
+                    for j in range(first[k], first[k + 1]):
+                        self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], lens[k]))
                 break
+            o = outs[off]
+            assert o is not None
+            a, b = first[off], first[off + 1]
             if b - a > 1 and err in _GSO_REFUSED:
                 self.gso = False  # this path cannot segment: one datagram per message from now
-                self._send_each(a, b)
+                self._send_each(o, a, b, lens[off])
             else:
-                for j in range(a, b):
-                    o = self.outs[j]
-                    assert o is not None
-                    _uncount(o, lens[j], NO_BUFFER if err == errno.ENOBUFS else SEND_ERROR)
+                for _ in range(a, b):
+                    _uncount(o, lens[off], NO_BUFFER if err == errno.ENOBUFS else SEND_ERROR)
             off += 1
 
-    def _send_each(self, a: int, b: int) -> None:
-        """Send payloads [a, b) one sendto each (after a refused GSO message)."""
+    def _send_each(self, o: Output, a: int, b: int, length: int) -> None:
+        """Send payloads [a, b) of one message one sendto each (after a refused GSO message)."""
         iq = self.iq
         for j in range(a, b):
-            o = self.outs[j]
-            assert o is not None
             try:
-                self.sock.sendto(ctypes.string_at(iq[2 * j], self.lens[j]), o.pyaddr)
+                self.sock.sendto(ctypes.string_at(iq[2 * j], length), o.pyaddr)
             except BlockingIOError:
-                self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], self.lens[j]))
+                self.backlog.enqueue(o, ctypes.string_at(iq[2 * j], length))
             except OSError as exc:
                 reason = NO_BUFFER if exc.errno == errno.ENOBUFS else SEND_ERROR
-                _uncount(o, self.lens[j], reason)
+                _uncount(o, length, reason)
 
     def close(self) -> None:
         self.closed = True

@@ -360,9 +360,11 @@ class Worker:
         size = rv.size
         base = rv.buf_addr
         unpack = _V4.unpack_from
+        stride = I_STRIDE  # module globals cost a dict lookup per use
+        i_len = I_LEN
         for i in range(n):
             off = i * size
-            ln = u[i * I_STRIDE + I_LEN]
+            ln = u[i * stride + i_len]
             if ln < 28:
                 self.malformed += 1
                 continue
@@ -391,9 +393,13 @@ class Worker:
                 continue
             c[0] += 1
             c[1] += plen
-            paddr = base + off + ihl + 8
-            for o in e.outs:
-                o.sq.add(o, paddr, plen)
+            o = e.out1
+            if o is not None:
+                e.add1(o, base + off + ihl + 8, plen)  # type: ignore[misc]
+            else:
+                paddr = base + off + ihl + 8
+                for o in e.outs:
+                    o.sq.add(o, paddr, plen)
 
     def batch_v6(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
         table = inn.table
