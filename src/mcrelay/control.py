@@ -370,9 +370,7 @@ class ControlServer:
             return
         if got is None:
             return
-        msg, fds = got
-        for fd in fds:
-            os.close(fd)
+        msg, _ = got
         if isinstance(msg, ControlSettings):
             self.settings = msg
             logging.getLogger().setLevel(msg.log_level.upper())
@@ -408,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)
-    channel = Channel(socket.socket(fileno=args.channel_fd))
+    channel = Channel(socket.socket(fileno=args.channel_fd), takes_fds=False)
     from .privileges import drop_privileges
 
     if os.geteuid() == 0:

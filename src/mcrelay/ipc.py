@@ -85,17 +85,20 @@ class Pong:
 class Channel:
     """One end of a supervisor<->child socketpair."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, takes_fds: bool = True) -> None:
+        """``takes_fds=False``: this end never expects descriptors, so any that
+        arrive are closed here and receivers always get an empty list."""
         self.sock = sock
+        self.takes_fds = takes_fds
         self._parts: list[bytes] = []
         self._fds: list[int] = []
         self._size = 0
         self._outbox: collections.deque[bytes] = collections.deque()
 
     @staticmethod
-    def pair() -> tuple[Channel, Channel]:
+    def pair(*, takes_fds: bool = True) -> tuple[Channel, Channel]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        return Channel(a), Channel(b)
+        return Channel(a, takes_fds=takes_fds), Channel(b, takes_fds=takes_fds)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -172,6 +175,10 @@ class Channel:
         body = b"".join(self._parts)
         fds_out = self._fds
         self._parts, self._fds, self._size = [], [], 0
+        if not self.takes_fds:
+            for fd in fds_out:
+                os.close(fd)
+            fds_out = []
         try:
             return decode(body), fds_out
         except ProtocolViolation:

@@ -360,7 +360,7 @@ class Supervisor:
 
     def _start_control(self, now: float) -> None:
         assert self.listener is not None
-        ours, theirs = Channel.pair()
+        ours, theirs = Channel.pair(takes_fds=False)
         cmd = [
             sys.executable,
             "-m",
@@ -432,9 +432,7 @@ class Supervisor:
             return
         if got is None:
             return
-        msg, fds = got
-        for fd in fds:
-            os.close(fd)
+        msg, _ = got
         if not isinstance(msg, Call):
             log.warning("unexpected message from control: %s", type(msg).__name__)
             return
