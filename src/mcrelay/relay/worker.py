@@ -418,9 +418,11 @@ class Worker:
         size = rv.size
         base = rv.buf_addr
         unpack = _V6.unpack_from
+        stride = I_STRIDE
+        i_len = I_LEN
         for i in range(n):
             off = i * size
-            ln = u[i * I_STRIDE + I_LEN]
+            ln = u[i * stride + i_len]
             if ln < 48:
                 self.malformed += 1
                 continue
@@ -448,9 +450,13 @@ class Worker:
                 continue
             c[0] += 1
             c[1] += plen
-            paddr = base + off + 48
-            for o in e.outs:
-                o.sq.add(o, paddr, plen)
+            o = e.out1
+            if o is not None:
+                e.add1(o, base + off + 48, plen)  # type: ignore[misc]
+            else:
+                paddr = base + off + 48
+                for o in e.outs:
+                    o.sq.add(o, paddr, plen)
 
     def batch_socket(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
         e = inn.single
