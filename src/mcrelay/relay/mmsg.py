@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from array import array
 
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
@@ -120,6 +121,23 @@ class RecvVec:
                 h.msg_namelen = namelen
         self.u32 = memoryview(self.hdrs).cast("B").cast("I")
         self.view = memoryview(self.buf).cast("B")
+        # Word views of the slots for reading one header field of every packet
+        # with one strided slice (native byte order; slot size is a multiple of 8).
+        assert size % 8 == 0
+        self.v16 = self.view.cast("H")
+        self.v32 = self.view.cast("I")
+        self.v64 = self.view.cast("Q")
+        self._addrs: dict[int, memoryview] = {}
+
+    def payload_addrs(self, offset: int) -> memoryview:
+        """Addresses ``slot i + offset`` for every slot, as a ``'Q'`` memoryview."""
+        a = self._addrs.get(offset)
+        if a is None:
+            base = self.buf_addr + offset
+            a = self._addrs[offset] = memoryview(
+                array("Q", range(base, base + self.n * self.size, self.size))
+            )
+        return a
 
     def recv(self, fd: int) -> int:
         """Fill slots from ``fd``; msg_len of slot i is ``u32[i * I_STRIDE + I_LEN]``."""
