@@ -401,9 +401,11 @@ def targets(flat: list[Result], sus: list[Result]) -> list[dict[str, Any]]:
 
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, goal: float, higher: bool = True) -> None:
+    def add(
+        name: str, value: float | None, goal: float, higher: bool = True, judged: bool = True
+    ) -> None:
         met = value is not None and (value >= goal if higher else value <= goal)
-        out.append({"target": name, "value": value, "goal": goal, "met": met})
+        out.append({"target": name, "value": value, "goal": goal, "met": met, "judged": judged})
 
     k = find(sus, "kernel")
     for engine, goal in (("packet", 0.90), ("socket", 0.95)):
@@ -429,8 +431,17 @@ def targets(flat: list[Result], sus: list[Result]) -> list[dict[str, Any]]:
                 if one and many and one.delivered_pps
                 else None
             )
-            add(f"{engine} 10000 relays vs 1 relay ({what})", ratio, 0.97)
+            # Flat out is overload: how much is delivered then depends on how the
+            # router CPU splits between softirq and worker (receive livelock),
+            # so it is shown beside the goal but the goal is judged sustainable.
+            add(f"{engine} 10000 relays vs 1 relay ({what})", ratio, 0.97, judged=rs is sus)
     return out
+
+
+def _verdict(t: dict[str, Any]) -> str:
+    if not t["judged"]:
+        return "info"
+    return "MET " if t["met"] else "MISS"
 
 
 @contextlib.contextmanager
@@ -599,7 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         v = t["value"]
         vs = "-" if v is None else f"{v:.3f}"
         print(
-            f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {vs} (goal {t['goal']})",
+            f"  {_verdict(t)} {t['target']}: {vs} (goal {t['goal']})",
             file=sys.stderr,
         )
     return doc
