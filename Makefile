@@ -49,6 +49,7 @@ test: setup lint typecheck
 	$(VENV)/bin/pytest -q --durations=15 tests
 
 bench: setup
+	$(PY) -m bench.hot_path
 	$(PY) -m bench.relay_throughput
 
 deb: setup

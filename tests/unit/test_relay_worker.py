@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import ctypes
 import socket
-import struct
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from mcrelay.ipc import Channel
+from mcrelay.lab.headers import ipv4_udp, ipv6_udp
 from mcrelay.relay import messages as m
 from mcrelay.relay.mmsg import I_LEN, I_STRIDE, RecvVec
 from mcrelay.relay.worker import Worker
 
-
-def v4(src: str, dst: str, dport: int, payload: bytes, frag: int = 0) -> bytes:
-    hdr = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        28 + len(payload),
-        0,
-        frag,
-        1,
-        17,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    return hdr + struct.pack("!HHHH", 999, dport, 8 + len(payload), 0) + payload
-
-
-def v6(dst: str, dport: int, payload: bytes) -> bytes:
-    hdr = struct.pack("!IHBB", 6 << 28, 8 + len(payload), 17, 1)
-    hdr += socket.inet_pton(socket.AF_INET6, "2001:db8::2") + socket.inet_pton(socket.AF_INET6, dst)
-    return hdr + struct.pack("!HHHH", 999, dport, 8 + len(payload), 0) + payload
+v4 = ipv4_udp
+v6 = ipv6_udp
 
 
 def load(rv: RecvVec, packets: list[bytes]) -> int:
@@ -142,34 +121,3 @@ def test_stats_send_changes_only(sink: socket.socket) -> None:
     w.rebuild()
     st = w.stats(4)
     assert st.relays == () and st.gone == (1,)
-
-
-def test_hot_path_rate(sink: socket.socket) -> None:
-    """Python cost per packet of lookup + queueing (sendmmsg excluded): report, loosely bound."""
-    port = sink.getsockname()[1]
-    entries = tuple(
-        m.TableEntry(
-            i,
-            f"r{i}",
-            1,
-            f"239.{i // 250}.{i % 250}.1",
-            5000,
-            (),
-            (m.OutputSpec("127.0.0.1", port, 0, 5, 0),),
-        )
-        for i in range(10000)
-    )
-    w = make_worker(4, entries)
-    pkts = [v4("192.0.2.2", f"239.{i // 250}.{i % 250}.1", 5000, b"p" * 1316) for i in range(64)]
-    n = load(w.rv_packet, pkts)
-    sq = next(iter(w.egress.values()))
-    sq.flush = lambda: None  # type: ignore[method-assign]
-    rounds = 300
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        w.batch_v4(w.ingress[1], w.rv_packet, n)
-        sq.n = 0
-        w.dirty.clear()
-    per = (time.perf_counter() - t0) / (rounds * n)
-    print(f"hot path: {per * 1e6:.2f} us/packet at 10,000 rules")
-    assert per < 50e-6
