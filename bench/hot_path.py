@@ -2,8 +2,9 @@
 
 A worker is built in this process around a dummy ingress socket and a
 loopback egress whose ``sendmmsg`` is replaced by a no-op, so what is timed is
-parsing, lookup and queueing: the whole-batch path against the per-packet
-path, by batch size, for one flow among 1 and 10,000 installed relays. The
+parsing, lookup and queueing: the whole-run path against the per-packet
+path, by batch size, for one flow among 1 and 10,000 installed relays, and
+for eight flows interleaved packet by packet or in bunches. The
 system calls, the kernel and the network are what ``bench.relay_throughput``
 measures; this isolates the Python part of them.
 
@@ -49,11 +50,18 @@ def build_worker(relays: int) -> tuple[Worker, Channel]:
     return w, ours
 
 
-def per_packet_us(w: Worker, n: int, bulk: bool, packets: int) -> float:
-    """Mean µs per packet of batch_v4 + flush for batches of n packets of one flow."""
+def per_packet_us(
+    w: Worker, n: int, bulk: bool, packets: int, flows: int = 1, burst: int = 1
+) -> float:
+    """Mean µs per packet of batch_v4 + flush for batches of n packets.
+
+    Packet i belongs to flow (i // burst) % flows: one flow, or several
+    interleaved packet by packet (burst 1) or in bunches.
+    """
     rv = w.rv_packet
-    pkt = ipv4_udp("192.0.2.2", "239.0.0.1", 5000, b"p" * 64)
     for i in range(n):
+        flow = (i // burst) % flows
+        pkt = ipv4_udp("192.0.2.2", f"239.0.{flow}.1", 5000, b"p" * 64)
         ctypes.memmove(rv.buf_addr + i * rv.size, pkt, len(pkt))
         rv.u32[i * I_STRIDE + I_LEN] = len(pkt)
     w.bulk = bulk
@@ -78,10 +86,18 @@ def run(packets: int) -> dict[str, Any]:
                 key = "whole_batch_us" if bulk else "per_packet_us"
                 row[key] = round(per_packet_us(w, n, bulk, packets), 3)
             results.append(row)
+    w, _keep = build_worker(10000)
+    for burst in (1, 4, 16):
+        row = {"relays": 10000, "batch": 64, "flows": 8, "burst": burst}
+        for bulk in (True, False):
+            key = "whole_batch_us" if bulk else "per_packet_us"
+            row[key] = round(per_packet_us(w, 64, bulk, packets, flows=8, burst=burst), 3)
+        results.append(row)
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "note": "µs of Python per packet, sendmmsg stubbed; one flow, 64-byte payloads",
+        "note": "µs of Python per packet, sendmmsg stubbed, 64-byte payloads; one flow "
+        "unless flows/burst say otherwise (packet i in flow (i // burst) % flows)",
         "results": results,
     }
 
@@ -92,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     doc = run(args.packets)
     print(json.dumps(doc, indent=1))
-    print(f"{'relays':>6} {'batch':>5} {'whole-batch':>11} {'per-packet':>10}", file=sys.stderr)
+    head = (
+        f"{'relays':>6} {'batch':>5} {'flows':>5} {'burst':>5} {'whole-run':>9} {'per-packet':>10}"
+    )
+    print(head, file=sys.stderr)
     for r in doc["results"]:
         print(
-            f"{r['relays']:>6} {r['batch']:>5} {r['whole_batch_us']:>11.3f} "
-            f"{r['per_packet_us']:>10.3f}",
+            f"{r['relays']:>6} {r['batch']:>5} {r.get('flows', 1):>5} {r.get('burst', '-'):>5} "
+            f"{r['whole_batch_us']:>9.3f} {r['per_packet_us']:>10.3f}",
             file=sys.stderr,
         )
     return 0

@@ -1,4 +1,4 @@
-"""The whole-batch (uniform) path ends every batch exactly as the per-packet path would.
+"""The whole-run path ends every batch exactly as the per-packet path would.
 
 Each property builds a batch in the receive buffer, runs it once through the
 worker with the bulk path and once with it off, and captures what sendmmsg
@@ -18,6 +18,7 @@ from test_relay_worker import load, make_worker, v4, v6
 
 from mcrelay.ipc import Channel
 from mcrelay.relay import messages as m
+from mcrelay.relay.hotpath import runs
 from mcrelay.relay.mmsg import (
     GSO_CMSG_SPACE,
     I_FLAGS,
@@ -120,7 +121,7 @@ def test_v4_uniform_batch_is_one_gso_message_per_output() -> None:
     for sq in w.egress.values():
         capture(sq, sent)
     load(w.rv_packet, pkts)
-    assert w.uniform_v4(w.ingress[1], w.rv_packet, 64)
+    assert w.run_v4(w.ingress[1], w.rv_packet, 0, 64)
     for sq in w.dirty:
         sq.flush()
     assert [g for _a, _d, g in sent] == [64] * 128  # every datagram went in a GSO message
@@ -134,7 +135,7 @@ def test_v4_batch_with_ip_options_is_not_uniform() -> None:
     opt = bytes([0x46]) + p[1:20] + b"\x01\x01\x01\x00" + p[20:]  # IHL 6: four NOP/EOL bytes
     w = make_worker(4, entries)
     load(w.rv_packet, [opt, opt])
-    assert not w.uniform_v4(w.ingress[1], w.rv_packet, 2)
+    assert not w.run_v4(w.ingress[1], w.rv_packet, 0, 2)
 
 
 def test_v4_short_read_is_left_to_the_per_packet_path() -> None:
@@ -143,7 +144,7 @@ def test_v4_short_read_is_left_to_the_per_packet_path() -> None:
     w = make_worker(4, entries)
     load(w.rv_packet, [p, p[:60]])  # UDP length says 108, only 40 bytes of UDP arrived
     w.rv_packet.u32[1 * I_STRIDE + I_LEN] = 60
-    assert not w.uniform_v4(w.ingress[1], w.rv_packet, 2)
+    assert not w.run_v4(w.ingress[1], w.rv_packet, 0, 2)
     assert per_packet_malformed(w, 2) == 1
 
 
@@ -182,7 +183,7 @@ def test_v6_uniform_batch_relays_every_payload() -> None:
     for sq in w.egress.values():
         capture(sq, sent)
     load(w.rv_packet, pkts)
-    assert w.uniform_v6(w.ingress[1], w.rv_packet, 10)
+    assert w.run_v6(w.ingress[1], w.rv_packet, 0, 10)
     for sq in w.dirty:
         sq.flush()
     assert [d for _a, d, _g in sent] == [p[48:] for p in pkts]
@@ -225,3 +226,60 @@ def make_socket_worker() -> Worker:
     w.running = True
     w.rebuild()
     return w
+
+
+def test_runs_cuts_a_batch_where_the_key_changes() -> None:
+    assert runs([1] * 6 + [2] * 3 + [1] * 5, 14) == [(0, 6), (6, 9), (9, 14)]
+    assert runs([1, 2] * 5, 10) == []  # nothing long enough to be worth it
+    assert runs([7] * 9, 9) == []  # one run: the caller tried the whole batch already
+
+
+flow_runs = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                ("192.0.2.2", "239.1.1.1", 5000, 64, 0),
+                ("192.0.2.2", "239.1.1.1", 5000, 1316, 0),  # same flow, other size
+                ("192.0.2.2", "239.1.1.2", 5000, 64, 0),
+                ("192.0.2.9", "239.1.1.1", 5000, 64, 0),  # filtered source
+                ("192.0.2.2", "239.1.1.1", 5000, 64, 0x2000),  # fragments
+                ("192.0.2.2", "239.9.9.9", 5000, 200, 0),  # no rule
+            ]
+        ),
+        st.integers(1, 20),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=flow_runs, filtered=st.booleans())
+def test_v4_interleaved_runs_equal_per_packet(
+    spec: list[tuple[tuple[str, str, int, int, int], int]], filtered: bool
+) -> None:
+    flat = [flow for flow, count in spec for _ in range(count)][:64]
+    entries = (
+        m.TableEntry(1, "a", 1, "239.1.1.1", 5000, ("192.0.2.2",) if filtered else (), OUT),
+        m.TableEntry(2, "b", 1, "239.1.1.2", 5000, (), OUT[:1]),
+    )
+    pkts = [v4(s, g, p, bytes([i % 251]) * size, fr) for i, (s, g, p, size, fr) in enumerate(flat)]
+    assert run(True, 4, entries, pkts) == run(False, 4, entries, pkts)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    spec=st.lists(
+        st.tuples(st.sampled_from(["ff3e::1", "ff3e::2", "ff3e::1:1"]), st.integers(1, 20)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_v6_interleaved_runs_equal_per_packet(spec: list[tuple[str, int]]) -> None:
+    flat = [g for g, count in spec for _ in range(count)][:64]
+    entries = (
+        m.TableEntry(1, "a", 1, "ff3e::1", 5000, (), OUT),
+        m.TableEntry(2, "b", 1, "ff3e::1:1", 5000, (), OUT[:1]),
+    )
+    pkts = [v6(g, 5000, bytes([i % 251]) * 100) for i, g in enumerate(flat)]
+    assert run(True, 6, entries, pkts) == run(False, 6, entries, pkts)

@@ -2,10 +2,10 @@
 
 Started by the RelayManager as ``python -m mcrelay.relay.worker --fd N`` where N
 is its end of the supervisor socketpair. See :mod:`mcrelay.relay.messages` for
-the conversation. The hot loop polls the ingress sockets and the channel, reads
-batches with recvmmsg, looks each packet up in a dict and queues the payload
-(by address, no copy) on the egress socket of each output, then sends each
-egress socket's batch with one sendmmsg.
+the conversation. The loop polls the ingress sockets and the channel, reads
+batches with recvmmsg, hands each to :mod:`mcrelay.relay.hotpath` (lookup,
+payloads queued by address, no copy, on the egress socket of each output), then
+sends each egress socket's batch with one sendmmsg.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mcrelay.ipc import Channel, Ping, Pong
 from mcrelay.relay import messages as m
 from mcrelay.relay import table as tbl
 from mcrelay.relay.egress import Dest, EgressKey, open_egress
+from mcrelay.relay.hotpath import HotPath, Ingress
 from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
 from mcrelay.relay.qos import Backlog, Output, SendQueue
 from mcrelay.relay.trace import WORKER_RING, Ring, record
@@ -40,31 +41,19 @@ PR_SET_NO_NEW_PRIVS = 38
 VLEN = 64  # messages per recvmmsg/sendmmsg
 SLOT = 65536  # bytes per receive slot
 BATCHES_PER_WAKEUP = 16  # then let other sockets and the channel have a turn
-BULK_MIN = 5  # smaller batches are cheaper one packet at a time (measured)
 
-# IPv4 header + UDP ports/length, assuming IHL 5 (otherwise re-read the UDP part):
-# vihl, flags|frag, src, dst, dport, ulen
-_V4 = struct.Struct("!B5xH4x4s4s2xHH")
-# IPv6 fixed header + UDP: payload length, next header, src, dst, dport, ulen
-_V6 = struct.Struct("!4xHBx16s16s2xHH")
-_UDP = struct.Struct("!2xHH")
 _SPORT = struct.Struct("!H")
 
 log = logging.getLogger("mcrelay.worker")
 
 
-class _Ingress:
-    __slots__ = ("family", "fd", "kind", "single", "sock", "spec", "table", "traced")
+class _Ingress(Ingress):
+    __slots__ = ("sock", "spec")
 
     def __init__(self, spec: m.IngressSpec, sock: socket.socket) -> None:
+        super().__init__(spec.kind, spec.family, sock.fileno())
         self.spec = spec
         self.sock = sock
-        self.fd = sock.fileno()
-        self.kind = spec.kind
-        self.family = spec.family
-        self.table: dict[tbl.Key, tbl.Entry] = {}
-        self.single: tbl.Entry | None = None
-        self.traced = False
 
 
 def drop_privileges(user: str) -> tuple[int, int]:
@@ -87,10 +76,11 @@ def drop_privileges(user: str) -> tuple[int, int]:
     return os.getuid(), os.getgid()
 
 
-class Worker:
+class Worker(HotPath):
     """State of one worker process (all of it lives in this single thread)."""
 
     def __init__(self, chan: Channel) -> None:
+        super().__init__()
         self.chan = chan
         self.index = 0
         self.user = "nobody"
@@ -109,15 +99,10 @@ class Worker:
         self.rv_socket = RecvVec(VLEN, SLOT, namelen=28)  # sizeof(struct sockaddr_in6)
         # Relay counters and output count as the last Stats sent them, per relay id.
         self.reported: dict[int, tuple[list[int], int]] = {}
-        self.unmatched = 0
-        self.malformed = 0
         self.received = 0
         self.poller = select.epoll()  # poll() rescans every fd per wake-up: 10,000 relays
         self.polled_out: set[int] = set()
         self.running = False
-        # Whole-batch path for batches of one flow (see uniform_v4); MCRELAY_BULK=0
-        # keeps every packet on the per-packet path, for A/B measurement.
-        self.bulk = os.environ.get("MCRELAY_BULK", "1") != "0"
 
     # ------------------------------------------------------------ control
 
@@ -374,233 +359,6 @@ class Worker:
                 break
         if self.backlog.size:
             self._sync_pollout()
-
-    # The three batch functions below are the hot path: locals only, no objects
-    # created per packet beyond what struct.unpack_from returns.
-
-    def batch_v4(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
-        if n >= BULK_MIN and self.bulk and self.uniform_v4(inn, rv, n):
-            return
-        table = inn.table
-        u = rv.u32
-        buf = rv.buf
-        size = rv.size
-        base = rv.buf_addr
-        unpack = _V4.unpack_from
-        stride = I_STRIDE  # module globals cost a dict lookup per use
-        i_len = I_LEN
-        for i in range(n):
-            off = i * size
-            ln = u[i * stride + i_len]
-            if ln < 28:
-                self.malformed += 1
-                continue
-            vihl, frag, src, dst, dport, ulen = unpack(buf, off)
-            ihl = 20
-            if vihl != 0x45:
-                ihl = (vihl & 15) * 4
-                if ihl < 20 or ln < ihl + 8:
-                    self.malformed += 1
-                    continue
-                dport, ulen = _UDP.unpack_from(buf, off + ihl)
-            e = table.get((dst, dport))
-            if e is None:
-                self.unmatched += 1
-                continue
-            c = e.c
-            if frag & 0x3FFF:
-                c[m.FRAGMENT] += 1
-                continue
-            if e.sources is not None and src not in e.sources:
-                c[m.FILTERED] += 1
-                continue
-            plen = ulen - 8
-            if plen < 0 or ihl + ulen > ln:
-                self.malformed += 1
-                continue
-            c[0] += 1
-            c[1] += plen
-            o = e.out1
-            if o is not None:
-                e.add1(o, base + off + ihl + 8, plen)  # type: ignore[misc]
-            else:
-                paddr = base + off + ihl + 8
-                for o in e.outs:
-                    o.sq.add(o, paddr, plen)
-
-    def batch_v6(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
-        if n >= BULK_MIN and self.bulk and self.uniform_v6(inn, rv, n):
-            return
-        table = inn.table
-        u = rv.u32
-        buf = rv.buf
-        size = rv.size
-        base = rv.buf_addr
-        unpack = _V6.unpack_from
-        stride = I_STRIDE
-        i_len = I_LEN
-        for i in range(n):
-            off = i * size
-            ln = u[i * stride + i_len]
-            if ln < 48:
-                self.malformed += 1
-                continue
-            _plen, nh, src, dst, dport, ulen = unpack(buf, off)
-            if nh != 17:
-                if nh == 44 and ln >= 56:  # first fragment: UDP follows the 8-byte header
-                    dport = _UDP.unpack_from(buf, off + 48)[0]
-                    e = table.get((dst, dport))
-                    if e is not None:
-                        e.c[m.FRAGMENT] += 1
-                        continue
-                self.unmatched += 1
-                continue
-            e = table.get((dst, dport))
-            if e is None:
-                self.unmatched += 1
-                continue
-            c = e.c
-            if e.sources is not None and src not in e.sources:
-                c[m.FILTERED] += 1
-                continue
-            plen = ulen - 8
-            if plen < 0 or 40 + ulen > ln:
-                self.malformed += 1
-                continue
-            c[0] += 1
-            c[1] += plen
-            o = e.out1
-            if o is not None:
-                e.add1(o, base + off + 48, plen)  # type: ignore[misc]
-            else:
-                paddr = base + off + 48
-                for o in e.outs:
-                    o.sq.add(o, paddr, plen)
-
-    def batch_socket(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
-        e = inn.single
-        if e is None:
-            self.unmatched += n
-            return
-        u = rv.u32
-        if n >= BULK_MIN and self.bulk:
-            end = n * I_STRIDE
-            lens = u[I_LEN:end:I_STRIDE]
-            ln = lens[0]
-            if lens[:-1] == lens[1:] and not any(u[I_FLAGS:end:I_STRIDE]):
-                e.c[0] += n
-                e.c[1] += n * ln
-                addrs = rv.payload_addrs(0)[:n]
-                for o in e.outs:
-                    o.sq.add_run(o, addrs, ln)
-                return
-        size = rv.size
-        base = rv.buf_addr
-        c = e.c
-        outs = e.outs
-        for i in range(n):
-            ln = u[i * I_STRIDE + I_LEN]
-            if u[i * I_STRIDE + I_FLAGS] & MSG_TRUNC:
-                self.malformed += 1
-                continue
-            c[0] += 1
-            c[1] += ln
-            paddr = base + i * size
-            for o in outs:
-                o.sq.add(o, paddr, ln)
-
-    # A batch is "uniform" when every packet has the same header fields except
-    # those that change per packet (IP id and checksums) and the same UDP
-    # length: in practice, one flow. A field is the same in all n packets when
-    # the strided slice of it over slots 0..n-2 equals the one over slots
-    # 1..n-1, a comparison done in C; such a batch costs a few Python steps
-    # instead of a few dozen per packet. Any other batch, or anything unusual
-    # about this one (options, a short read), goes to the per-packet loop,
-    # which is the reference: a uniform batch must end exactly as it would have
-    # there (tests/unit/test_relay_bulk.py).
-
-    def uniform_v4(self, inn: _Ingress, rv: RecvVec, n: int) -> bool:
-        """Relay a one-flow IPv4 batch as a whole; False (nothing done) if it is not one."""
-        v32, s32 = rv.v32, rv.size >> 2
-        e32 = n * s32
-        v16, s16 = rv.v16, rv.size >> 1
-        e16 = n * s16
-        v64, s64 = rv.v64, rv.size >> 3
-        e64 = n * s64
-        if (
-            v64[2 : e64 - s64 : s64] != v64[2 + s64 : e64 : s64]  # destination, ports
-            or v32[0 : e32 - s32 : s32] != v32[s32:e32:s32]  # version/IHL, TOS, length
-            or rv.view[0] != 0x45
-            or v16[3 : e16 - s16 : s16] != v16[3 + s16 : e16 : s16]  # flags, fragment
-            or v16[12 : e16 - s16 : s16] != v16[12 + s16 : e16 : s16]  # UDP length
-        ):
-            return False
-        _vihl, frag, src, dst, dport, ulen = _V4.unpack_from(rv.buf, 0)
-        if ulen < 8 or 20 + ulen > min(rv.u32[I_LEN : n * I_STRIDE : I_STRIDE]):
-            return False
-        e = inn.table.get((dst, dport))
-        if e is None:
-            self.unmatched += n
-            return True
-        c = e.c
-        if frag & 0x3FFF:
-            c[m.FRAGMENT] += n
-            return True
-        if e.sources is not None:
-            if v32[3 : e32 - s32 : s32] != v32[3 + s32 : e32 : s32]:
-                return False
-            if src not in e.sources:
-                c[m.FILTERED] += n
-                return True
-        plen = ulen - 8
-        c[0] += n
-        c[1] += n * plen
-        addrs = rv.payload_addrs(28)[:n]
-        for o in e.outs:
-            o.sq.add_run(o, addrs, plen)
-        return True
-
-    def uniform_v6(self, inn: _Ingress, rv: RecvVec, n: int) -> bool:
-        """Relay a one-flow IPv6 batch as a whole; False (nothing done) if it is not one."""
-        v32, s32 = rv.v32, rv.size >> 2
-        e32 = n * s32
-        v16, s16 = rv.v16, rv.size >> 1
-        e16 = n * s16
-        v64, s64 = rv.v64, rv.size >> 3
-        e64 = n * s64
-        if (
-            v64[3 : e64 - s64 : s64] != v64[3 + s64 : e64 : s64]  # destination
-            or v64[4 : e64 - s64 : s64] != v64[4 + s64 : e64 : s64]
-            or v32[10 : e32 - s32 : s32] != v32[10 + s32 : e32 : s32]  # ports
-            or v32[0 : e32 - s32 : s32] != v32[s32:e32:s32]  # version, class, flow
-            or v32[1 : e32 - s32 : s32] != v32[1 + s32 : e32 : s32]  # length, next header
-            or v16[22 : e16 - s16 : s16] != v16[22 + s16 : e16 : s16]  # UDP length
-        ):
-            return False
-        _plen, nh, src, dst, dport, ulen = _V6.unpack_from(rv.buf, 0)
-        if nh != 17 or ulen < 8 or 40 + ulen > min(rv.u32[I_LEN : n * I_STRIDE : I_STRIDE]):
-            return False
-        e = inn.table.get((dst, dport))
-        if e is None:
-            self.unmatched += n
-            return True
-        c = e.c
-        if e.sources is not None:
-            if (
-                v64[1 : e64 - s64 : s64] != v64[1 + s64 : e64 : s64]
-                or v64[2 : e64 - s64 : s64] != v64[2 + s64 : e64 : s64]
-            ):
-                return False
-            if src not in e.sources:
-                c[m.FILTERED] += n
-                return True
-        plen = ulen - 8
-        c[0] += n
-        c[1] += n * plen
-        addrs = rv.payload_addrs(48)[:n]
-        for o in e.outs:
-            o.sq.add_run(o, addrs, plen)
-        return True
 
     def batch_traced(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
         """Like the batch functions above, one packet at a time, recording each result."""

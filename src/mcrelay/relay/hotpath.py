@@ -1,0 +1,352 @@
+"""The worker's hot path: one received batch in, payloads queued on egress sockets.
+
+Two ways through a batch, which must end the same (tests/unit/test_relay_bulk.py):
+
+- *per packet* (``_each_v4``, ``_each_v6``, ``_each_socket``): parse, look up,
+  filter and queue one packet at a time. This is the reference, and the path
+  of anything unusual.
+- *whole run* (``run_v4``, ``run_v6``, ``run_socket``): a run of consecutive
+  packets of one flow (same addresses, ports, lengths and flags; only the IP
+  id and checksums differ) is checked and queued as a block. Each header field
+  of all packets of the run is read with one strided slice of the receive
+  buffer, and a field is the same throughout when the slice over slots
+  a..b-2 equals the one over a+1..b-1, a comparison done in C. The relay is
+  looked up once and the payload iovecs are written with two slice
+  assignments (:meth:`SendQueue.add_run`), so the Python work is per run, not
+  per packet.
+
+A batch is cut into runs on the destination address and ports; runs shorter
+than ``BULK_MIN`` packets, or that fail a check, go packet by packet. One
+stream alone gives one run per batch; interleaved streams give as many runs
+as their packets are bunched.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from itertools import compress, islice, pairwise
+from operator import ne, sub
+from typing import TYPE_CHECKING
+
+from mcrelay.relay import messages as m
+from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
+
+if TYPE_CHECKING:
+    from mcrelay.relay import table as tbl
+
+BULK_MIN = 5  # shorter runs are cheaper one packet at a time (bench/hot_path.py)
+
+# IPv4 header + UDP ports/length, assuming IHL 5 (otherwise re-read the UDP part):
+# vihl, flags|frag, src, dst, dport, ulen
+_V4 = struct.Struct("!B5xH4x4s4s2xHH")
+# IPv6 fixed header + UDP: payload length, next header, src, dst, dport, ulen
+_V6 = struct.Struct("!4xHBx16s16s2xHH")
+_UDP = struct.Struct("!2xHH")
+
+Span = tuple[int, int]  # slots [a, b) of a batch
+
+
+class Ingress:
+    """An ingress socket as the hot path sees it: its lookup table or single relay."""
+
+    __slots__ = ("family", "fd", "kind", "single", "table", "traced")
+
+    def __init__(self, kind: str, family: int, fd: int) -> None:
+        self.fd = fd
+        self.kind = kind
+        self.family = family
+        self.table: dict[tbl.Key, tbl.Entry] = {}
+        self.single: tbl.Entry | None = None
+        self.traced = False
+
+
+def runs(keys: list[int], n: int) -> list[Span]:
+    """Maximal spans of equal consecutive keys among the first n.
+
+    [] when none reaches BULK_MIN, or when there is only one (the caller has
+    already tried the whole batch as one run). The cuts are found in C
+    (``map``/``compress``), so a batch of flows interleaved packet by packet
+    costs about a microsecond here before going the per-packet way.
+    """
+    cuts = list(compress(range(1, n), map(ne, keys, islice(keys, 1, n))))
+    if not cuts or len(cuts) > n - BULK_MIN:  # one run, or every run too short
+        return []
+    edges = [0, *cuts, n]
+    if max(map(sub, islice(edges, 1, None), edges)) < BULK_MIN:
+        return []
+    return list(pairwise(edges))
+
+
+class HotPath:
+    """Batch handling of a worker; the worker holds the tables and the counters."""
+
+    unmatched: int
+    malformed: int
+
+    def __init__(self) -> None:
+        self.unmatched = 0
+        self.malformed = 0
+        # MCRELAY_BULK=0 keeps every packet on the per-packet path, for A/B runs.
+        self.bulk = os.environ.get("MCRELAY_BULK", "1") != "0"
+
+    # ------------------------------------------------------------ per batch
+
+    def batch_v4(self, inn: Ingress, rv: RecvVec, n: int) -> None:
+        if n >= BULK_MIN and self.bulk:
+            if self.run_v4(inn, rv, 0, n):
+                return
+            s64 = rv.size >> 3
+            spans = runs(rv.v64[2 : n * s64 : s64].tolist(), n)  # destination, ports
+            if spans:
+                for a, b in spans:
+                    if b - a < BULK_MIN or not self.run_v4(inn, rv, a, b):
+                        self._each_v4(inn, rv, a, b)
+                return
+        self._each_v4(inn, rv, 0, n)
+
+    def batch_v6(self, inn: Ingress, rv: RecvVec, n: int) -> None:
+        if n >= BULK_MIN and self.bulk:
+            if self.run_v6(inn, rv, 0, n):
+                return
+            s64 = rv.size >> 3
+            spans = runs(rv.v64[4 : n * s64 : s64].tolist(), n)  # low half of the destination
+            if spans:
+                for a, b in spans:
+                    if b - a < BULK_MIN or not self.run_v6(inn, rv, a, b):
+                        self._each_v6(inn, rv, a, b)
+                return
+        self._each_v6(inn, rv, 0, n)
+
+    def batch_socket(self, inn: Ingress, rv: RecvVec, n: int) -> None:
+        e = inn.single
+        if e is None:
+            self.unmatched += n
+            return
+        if n >= BULK_MIN and self.bulk:
+            if self.run_socket(e, rv, 0, n):
+                return
+            spans = runs(rv.u32[I_LEN : n * I_STRIDE : I_STRIDE].tolist(), n)  # lengths
+            if spans:
+                for a, b in spans:
+                    if b - a < BULK_MIN or not self.run_socket(e, rv, a, b):
+                        self._each_socket(e, rv, a, b)
+                return
+        self._each_socket(e, rv, 0, n)
+
+    # ------------------------------------------------------------ whole runs
+
+    def run_v4(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> bool:
+        """Relay slots [a, b) as one flow; False (nothing done) if they are not one."""
+        v32, s32 = rv.v32, rv.size >> 2
+        a32, e32 = a * s32, b * s32 - s32
+        v16, s16 = rv.v16, rv.size >> 1
+        a16, e16 = a * s16, b * s16 - s16
+        v64, s64 = rv.v64, rv.size >> 3
+        a64, e64 = a * s64, b * s64 - s64
+        off = a * rv.size
+        if (
+            v64[a64 + 2 : e64 : s64] != v64[a64 + s64 + 2 : e64 + s64 : s64]  # dst, ports
+            or v32[a32:e32:s32] != v32[a32 + s32 : e32 + s32 : s32]  # version/IHL, TOS, length
+            or rv.view[off] != 0x45
+            or v16[a16 + 3 : e16 : s16] != v16[a16 + s16 + 3 : e16 + s16 : s16]  # flags, frag
+            or v16[a16 + 12 : e16 : s16] != v16[a16 + s16 + 12 : e16 + s16 : s16]  # UDP length
+        ):
+            return False
+        _vihl, frag, src, dst, dport, ulen = _V4.unpack_from(rv.buf, off)
+        if ulen < 8 or 20 + ulen > min(rv.u32[a * I_STRIDE + I_LEN : b * I_STRIDE : I_STRIDE]):
+            return False
+        e = inn.table.get((dst, dport))
+        if e is None:
+            self.unmatched += b - a
+            return True
+        c = e.c
+        if frag & 0x3FFF:
+            c[m.FRAGMENT] += b - a
+            return True
+        if e.sources is not None:
+            if v32[a32 + 3 : e32 : s32] != v32[a32 + s32 + 3 : e32 + s32 : s32]:
+                return False
+            if src not in e.sources:
+                c[m.FILTERED] += b - a
+                return True
+        plen = ulen - 8
+        c[0] += b - a
+        c[1] += (b - a) * plen
+        addrs = rv.payload_addrs(28)[a:b]
+        for o in e.outs:
+            o.sq.add_run(o, addrs, plen)
+        return True
+
+    def run_v6(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> bool:
+        """Relay slots [a, b) as one flow; False (nothing done) if they are not one."""
+        v32, s32 = rv.v32, rv.size >> 2
+        a32, e32 = a * s32, b * s32 - s32
+        v16, s16 = rv.v16, rv.size >> 1
+        a16, e16 = a * s16, b * s16 - s16
+        v64, s64 = rv.v64, rv.size >> 3
+        a64, e64 = a * s64, b * s64 - s64
+        if (
+            v64[a64 + 3 : e64 : s64] != v64[a64 + s64 + 3 : e64 + s64 : s64]  # destination
+            or v64[a64 + 4 : e64 : s64] != v64[a64 + s64 + 4 : e64 + s64 : s64]
+            or v32[a32 + 10 : e32 : s32] != v32[a32 + s32 + 10 : e32 + s32 : s32]  # ports
+            or v32[a32:e32:s32] != v32[a32 + s32 : e32 + s32 : s32]  # version, class, flow
+            or v32[a32 + 1 : e32 : s32] != v32[a32 + s32 + 1 : e32 + s32 : s32]  # length, nh
+            or v16[a16 + 22 : e16 : s16] != v16[a16 + s16 + 22 : e16 + s16 : s16]  # UDP length
+        ):
+            return False
+        _plen, nh, src, dst, dport, ulen = _V6.unpack_from(rv.buf, a * rv.size)
+        lens = rv.u32[a * I_STRIDE + I_LEN : b * I_STRIDE : I_STRIDE]
+        if nh != 17 or ulen < 8 or 40 + ulen > min(lens):
+            return False
+        e = inn.table.get((dst, dport))
+        if e is None:
+            self.unmatched += b - a
+            return True
+        c = e.c
+        if e.sources is not None:
+            if (
+                v64[a64 + 1 : e64 : s64] != v64[a64 + s64 + 1 : e64 + s64 : s64]
+                or v64[a64 + 2 : e64 : s64] != v64[a64 + s64 + 2 : e64 + s64 : s64]
+            ):
+                return False
+            if src not in e.sources:
+                c[m.FILTERED] += b - a
+                return True
+        plen = ulen - 8
+        c[0] += b - a
+        c[1] += (b - a) * plen
+        addrs = rv.payload_addrs(48)[a:b]
+        for o in e.outs:
+            o.sq.add_run(o, addrs, plen)
+        return True
+
+    def run_socket(self, e: tbl.Entry, rv: RecvVec, a: int, b: int) -> bool:
+        """Relay slots [a, b) of one length and no flags; False (nothing done) otherwise."""
+        u = rv.u32
+        lo, hi = a * I_STRIDE, b * I_STRIDE
+        lens = u[lo + I_LEN : hi : I_STRIDE]
+        if lens[:-1] != lens[1:] or any(u[lo + I_FLAGS : hi : I_STRIDE]):
+            return False
+        ln = lens[0]
+        e.c[0] += b - a
+        e.c[1] += (b - a) * ln
+        addrs = rv.payload_addrs(0)[a:b]
+        for o in e.outs:
+            o.sq.add_run(o, addrs, ln)
+        return True
+
+    # ------------------------------------------------------------ per packet
+    # Locals only, no objects created per packet beyond what unpack_from returns.
+
+    def _each_v4(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> None:
+        table = inn.table
+        u = rv.u32
+        buf = rv.buf
+        size = rv.size
+        base = rv.buf_addr
+        unpack = _V4.unpack_from
+        stride = I_STRIDE  # module globals cost a dict lookup per use
+        i_len = I_LEN
+        for i in range(a, b):
+            off = i * size
+            ln = u[i * stride + i_len]
+            if ln < 28:
+                self.malformed += 1
+                continue
+            vihl, frag, src, dst, dport, ulen = unpack(buf, off)
+            ihl = 20
+            if vihl != 0x45:
+                ihl = (vihl & 15) * 4
+                if ihl < 20 or ln < ihl + 8:
+                    self.malformed += 1
+                    continue
+                dport, ulen = _UDP.unpack_from(buf, off + ihl)
+            e = table.get((dst, dport))
+            if e is None:
+                self.unmatched += 1
+                continue
+            c = e.c
+            if frag & 0x3FFF:
+                c[m.FRAGMENT] += 1
+                continue
+            if e.sources is not None and src not in e.sources:
+                c[m.FILTERED] += 1
+                continue
+            plen = ulen - 8
+            if plen < 0 or ihl + ulen > ln:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += plen
+            o = e.out1
+            if o is not None:
+                e.add1(o, base + off + ihl + 8, plen)  # type: ignore[misc]
+            else:
+                paddr = base + off + ihl + 8
+                for o in e.outs:
+                    o.sq.add(o, paddr, plen)
+
+    def _each_v6(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> None:
+        table = inn.table
+        u = rv.u32
+        buf = rv.buf
+        size = rv.size
+        base = rv.buf_addr
+        unpack = _V6.unpack_from
+        stride = I_STRIDE
+        i_len = I_LEN
+        for i in range(a, b):
+            off = i * size
+            ln = u[i * stride + i_len]
+            if ln < 48:
+                self.malformed += 1
+                continue
+            _plen, nh, src, dst, dport, ulen = unpack(buf, off)
+            if nh != 17:
+                if nh == 44 and ln >= 56:  # first fragment: UDP follows the 8-byte header
+                    dport = _UDP.unpack_from(buf, off + 48)[0]
+                    e = table.get((dst, dport))
+                    if e is not None:
+                        e.c[m.FRAGMENT] += 1
+                        continue
+                self.unmatched += 1
+                continue
+            e = table.get((dst, dport))
+            if e is None:
+                self.unmatched += 1
+                continue
+            c = e.c
+            if e.sources is not None and src not in e.sources:
+                c[m.FILTERED] += 1
+                continue
+            plen = ulen - 8
+            if plen < 0 or 40 + ulen > ln:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += plen
+            o = e.out1
+            if o is not None:
+                e.add1(o, base + off + 48, plen)  # type: ignore[misc]
+            else:
+                paddr = base + off + 48
+                for o in e.outs:
+                    o.sq.add(o, paddr, plen)
+
+    def _each_socket(self, e: tbl.Entry, rv: RecvVec, a: int, b: int) -> None:
+        u = rv.u32
+        size = rv.size
+        base = rv.buf_addr
+        c = e.c
+        outs = e.outs
+        for i in range(a, b):
+            ln = u[i * I_STRIDE + I_LEN]
+            if u[i * I_STRIDE + I_FLAGS] & MSG_TRUNC:
+                self.malformed += 1
+                continue
+            c[0] += 1
+            c[1] += ln
+            paddr = base + i * size
+            for o in outs:
+                o.sq.add(o, paddr, ln)
