@@ -13,6 +13,14 @@ relays (only one carries traffic). Traffic comes from ``mcgen`` (C, sendmmsg
 batches) and is counted by ``mcsink`` (C, recvmmsg), both compiled at bench
 time from bench/c/.
 
+Mixed traffic (``--flows N``, information only): N relays, each with its own
+input group and one output of its own, and the generator's packets spread
+over the N input groups, ``--bursts K`` packets to one group before the next
+(K = 1: every packet belongs to another flow than the one before). Sustainable
+rate of the relay engines only, 64-byte payloads; delivered pps is the total
+over the N outputs, and the ratio is to the kernel's single-flow sustainable
+rate of the same run.
+
 Lab (namespaces created and removed by the benchmark; nothing else touched)::
 
     src:veth0 --- up0:router:dn1..dn4 --- veth1..veth4:sink
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import platform
@@ -98,8 +107,10 @@ class Result:
     outputs: int
     relays: int
     rate: float  # offered rate asked of the generator, 0 = flat out
+    flows: int = 1  # interleaved flows (relays, input groups) carrying traffic
+    burst: int = 1  # consecutive packets of one flow before the next (flows > 1)
     offered_pps: float = 0.0
-    delivered_pps: float = 0.0  # per output (mean over outputs)
+    delivered_pps: float = 0.0  # per output (mean over outputs); flows > 1: total over flows
     loss_pct: float = 0.0
     worker_cpu_us: float | None = None  # per delivered packet-output
     ratio_vs_kernel: float | None = None
@@ -108,7 +119,10 @@ class Result:
 
     @property
     def label(self) -> str:
-        return f"{self.engine:6s} {self.size:5d}B {self.outputs}out {self.relays:5d}rel"
+        text = f"{self.engine:6s} {self.size:5d}B {self.outputs}out {self.relays:5d}rel"
+        if self.flows > 1:
+            text += f" {self.flows}flows burst {self.burst}"
+        return text
 
 
 # ---------------------------------------------------------------- lab
@@ -190,6 +204,33 @@ def listens(engine: str, outputs: int) -> list[str]:
     return [f"{group}:{port}@veth{k}" for k in range(1, outputs + 1)]
 
 
+MAX_FLOWS = 64  # mcsink's listens; output groups 239.2.2.2 .. 239.2.2.65
+
+
+def flow_group(base: str, k: int) -> str:
+    """The k-th group after ``base`` (IPv4, counted like mcgen --groups: 239.1.1.1 + 1 = .2)."""
+    return str(ipaddress.IPv4Address(base) + k)
+
+
+def mixed_rules(mode: str, flows: int) -> dict[str, Any]:
+    """``flows`` relays: relay k takes G_IN + k and sends to its own G_OUT + k on dn1."""
+    rules = [
+        {
+            "name": f"flow{k}",
+            "input": {"iif": "up0", "group": flow_group(G_IN, k), "port": P_IN},
+            "outputs": [{"address": flow_group(G_OUT, k), "port": P_OUT, "oif": "dn1", "ttl": 16}],
+            "mode": mode,
+        }
+        for k in range(flows)
+    ]
+    return {"routes": [], "relays": rules, "groups": []}
+
+
+def mixed_listens(flows: int) -> list[str]:
+    """One sink listen per flow's output, all on veth1 (each packet has exactly one output)."""
+    return [f"{flow_group(G_OUT, k)}:{P_OUT}@veth1" for k in range(flows)]
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -244,8 +285,14 @@ class Bench:
         batch: int = 32,
         idle: float = 0.5,
         pids: list[int] | None = None,
+        groups: int = 1,
+        burst: int = 1,
     ) -> tuple[dict[str, Any], dict[str, Any], int]:
-        """(generator JSON, sink JSON, worker on-CPU ns during the run)."""
+        """(generator JSON, sink JSON, worker on-CPU ns during the run).
+
+        ``groups``/``burst``: the generator spreads its packets over ``groups``
+        input groups from G_IN on, ``burst`` packets to one before the next.
+        """
         sink_argv = ["taskset", "-c", self.pin.sink, str(self.exe["mcsink"])]
         for spec in listen:
             sink_argv += ["--listen", spec]
@@ -262,6 +309,8 @@ class Bench:
             gen_argv = ["taskset", "-c", self.pin.gen, str(self.exe["mcgen"])]
             gen_argv += ["--group", G_IN, "--port", str(P_IN), "--iface", "veth0"]
             gen_argv += ["--size", str(size), "--rate", str(rate), "--batch", str(batch)]
+            if groups != 1 or burst != 1:
+                gen_argv += ["--groups", str(groups), "--burst", str(burst)]
             gen_argv += ["--duration", str(duration)] if duration else ["--count", str(count)]
             cpu0 = sum(task_cpu_ns(p) for p in pids or [])
             gen = self.lab.run("src", *gen_argv, timeout=(duration or 5) + 30)
@@ -275,10 +324,16 @@ class Bench:
             raise RuntimeError(f"mcsink exited {sink.returncode}: {err}")
         return json.loads(gen.stdout), json.loads(out), cpu1 - cpu0
 
-    def wait_flowing(self, listen: list[str]) -> None:
-        """Probe until every output delivers (relay tables, joins, MFC are in place)."""
+    def wait_flowing(self, listen: list[str], *, groups: int = 1) -> None:
+        """Probe until every output delivers (relay tables, joins, MFC are in place).
+
+        ``groups`` > 1: the probe goes round robin to that many input groups
+        (50 packets each), as mixed traffic does.
+        """
         for _ in range(50):
-            _g, s, _c = self.run_traffic(listen, 64, rate=20000, count=50, idle=0.3)
+            _g, s, _c = self.run_traffic(
+                listen, 64, rate=20000, count=50 * groups, idle=0.3, groups=groups
+            )
             if all(li["packets"] > 0 for li in s["listens"]):
                 time.sleep(0.2)
                 return
@@ -295,15 +350,28 @@ class Bench:
         rate: float = 0,
         duration: float,
         batch: int = 32,
+        flows: int = 1,
+        burst: int = 1,
     ) -> Result:
+        """One timed run. ``flows`` > 1: the mixed-traffic lab (``mixed_rules``),
+        ``outputs`` must be 1; every packet has one output, on one of the
+        ``flows`` listens, so delivered is the total over them."""
         pids = [] if engine == "kernel" else self.worker_pids()
+        listen = listens(engine, outputs) if flows == 1 else mixed_listens(flows)
         gen, sink, cpu_ns = self.run_traffic(
-            listens(engine, outputs), size, rate=rate, duration=duration, batch=batch, pids=pids
+            listen,
+            size,
+            rate=rate,
+            duration=duration,
+            batch=batch,
+            pids=pids,
+            groups=flows,
+            burst=burst,
         )
         sent, elapsed = gen["sent"], gen["elapsed"]
         got = [li["packets"] for li in sink["listens"]]
         per_out = sum(got) / outputs
-        r = Result(engine, size, outputs, relays, rate)
+        r = Result(engine, size, outputs, relays, rate, flows, burst)
         r.offered_pps = sent / elapsed
         r.delivered_pps = per_out / elapsed
         r.loss_pct = 100.0 * (1 - per_out / sent) if sent else 0.0
@@ -314,7 +382,15 @@ class Bench:
         return r
 
     def sustainable(
-        self, engine: str, size: int, outputs: int, relays: int, ceiling: float
+        self,
+        engine: str,
+        size: int,
+        outputs: int,
+        relays: int,
+        ceiling: float,
+        *,
+        flows: int = 1,
+        burst: int = 1,
     ) -> Result:
         """Highest delivered rate of a paced run with loss under 0.1 % (bisection below flat out).
 
@@ -328,7 +404,14 @@ class Bench:
         rate = ceiling * 0.9
         for _ in range(self.args.steps):
             r = self.measure(
-                engine, size, outputs, relays, rate=rate, duration=self.args.step_duration
+                engine,
+                size,
+                outputs,
+                relays,
+                rate=rate,
+                duration=self.args.step_duration,
+                flows=flows,
+                burst=burst,
             )
             if r.loss_pct < LOSS_OK * 100:
                 lo = rate
@@ -338,7 +421,7 @@ class Bench:
                 hi = rate
             rate = (lo + hi) / 2 if lo else hi * 0.6
         if lo_r is None:
-            lo_r = Result(engine, size, outputs, relays, 0.0)
+            lo_r = Result(engine, size, outputs, relays, 0.0, flows, burst)
         return lo_r
 
 
@@ -366,8 +449,12 @@ def _num(v: float | None, digits: int) -> str:
 
 
 def fmt_table(results: list[Result], title: str) -> str:
+    """A table; the flows and burst columns only if some row has interleaved flows."""
+    mixed = any(r.flows > 1 for r in results)
     head = (
-        f"{'engine':7s}{'size':>6s}{'outs':>5s}{'relays':>7s}{'rate':>9s}"
+        f"{'engine':7s}{'size':>6s}{'outs':>5s}{'relays':>7s}"
+        + (f"{'flows':>6s}{'burst':>6s}" if mixed else "")
+        + f"{'rate':>9s}"
         f"{'offered':>10s}{'delivered':>10s}{'loss%':>8s}{'cpu us/po':>10s}{'vs MFC':>8s}"
         f"{'p50 us':>8s}{'p99 us':>8s}"
     )
@@ -376,7 +463,9 @@ def fmt_table(results: list[Result], title: str) -> str:
         lat = r.latency_us or {}
         rate = f"{r.rate / 1000:.0f}k" if r.rate else "max"
         lines.append(
-            f"{r.engine:7s}{r.size:6d}{r.outputs:5d}{r.relays:7d}{rate:>9s}"
+            f"{r.engine:7s}{r.size:6d}{r.outputs:5d}{r.relays:7d}"
+            + (f"{r.flows:6d}{r.burst:6d}" if mixed else "")
+            + f"{rate:>9s}"
             f"{r.offered_pps:10.0f}{r.delivered_pps:10.0f}{r.loss_pct:8.2f}"
             f"{_num(r.worker_cpu_us, 2):>10s}{_num(r.ratio_vs_kernel, 2):>8s}"
             f"{_num(lat.get('p50'), 0):>8s}{_num(lat.get('p99'), 0):>8s}"
@@ -384,8 +473,14 @@ def fmt_table(results: list[Result], title: str) -> str:
     return "\n".join(lines)
 
 
-def set_ratios(results: list[Result]) -> None:
-    ref = {(r.size, r.outputs): r for r in results if r.engine == "kernel"}
+def set_ratios(results: list[Result], reference: list[Result] | None = None) -> None:
+    """Ratio to the kernel result of the same size and outputs, in ``reference``
+    (default: ``results`` itself; mixed traffic: the single-flow sustainable list)."""
+    ref = {
+        (r.size, r.outputs): r
+        for r in (results if reference is None else reference)
+        if r.engine == "kernel"
+    }
     for r in results:
         k = ref.get((r.size, r.outputs))
         if k is not None and k.delivered_pps:
@@ -498,9 +593,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",")]
     outs = [int(o) for o in args.outputs.split(",")]
     engines = args.engines.split(",")
+    bursts = [int(k) for k in args.bursts.split(",")]
     flat: list[Result] = []
     sus: list[Result] = []
     lat: list[Result] = []
+    mixed: list[Result] = []
     profile: list[dict[str, Any]] = []
     lab = build_lab()
     if args.rps:
@@ -547,6 +644,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         with profiling(b.worker_pids()[0], path, args.duration):
                             b.measure(engine, 64, 1, 1, rate=s.offered_pps, duration=args.duration)
                         profile = summarise_profile(path)
+        if args.flows:
+            # Mixed traffic: N relays, the generator's packets spread over their N
+            # input groups. Information only; the ceiling is the engine's
+            # single-flow flat-out offered rate.
+            for engine in [e for e in engines if e != "kernel"]:
+                top = next(
+                    (
+                        x.offered_pps
+                        for x in flat
+                        if (x.engine, x.size, x.outputs, x.relays) == (engine, 64, 1, 1)
+                    ),
+                    None,
+                )
+                if top is None:
+                    log(f"mixed {engine}: skipped (needs the 64B 1-output case)")
+                    continue
+                t = time.monotonic()
+                b.apply(mixed_rules(engine, args.flows))
+                b.wait_flowing(mixed_listens(args.flows), groups=args.flows)
+                log(f"{engine} {args.flows} flows ready in {time.monotonic() - t:.1f}s")
+                for burst in bursts:
+                    s = b.sustainable(engine, 64, 1, args.flows, top, flows=args.flows, burst=burst)
+                    log(f"sust  {s.label}: {s.delivered_pps:9.0f} pps, loss {s.loss_pct:.2f}%")
+                    mixed.append(s)
         if args.many:
             for engine in [e for e in engines if e != "kernel"]:
                 for outputs in outs:
@@ -573,6 +694,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(build_dir, ignore_errors=True)
     for rs in (flat, sus, lat):
         set_ratios(rs)
+    set_ratios(mixed, sus)
     k_lat = next((r for r in lat if r.engine == "kernel"), None)
     added = {}
     for r in lat:
@@ -592,9 +714,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "workers": args.workers,
             "env": args.env,
             "loss_ok_pct": LOSS_OK * 100,
+            "flows": args.flows,
+            "bursts": bursts if args.flows else [],
         },
         "flat_out": [asdict(r) for r in flat],
         "sustainable": [asdict(r) for r in sus],
+        "mixed": [asdict(r) for r in mixed],
         "latency": [asdict(r) for r in lat],
         "added_latency_us": added,
         "targets": targets(flat, sus),
@@ -603,6 +728,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(fmt_table(flat, "\nFlat out (generator as fast as it can):"), file=sys.stderr)
     print(fmt_table(sus, "\nSustainable (highest paced rate with <0.1% loss):"), file=sys.stderr)
+    if mixed:
+        title = (
+            f"\nSustainable, {args.flows} interleaved flows (delivered = total over flows;"
+            " vs MFC = kernel single-flow sustainable):"
+        )
+        print(fmt_table(mixed, title), file=sys.stderr)
     print(fmt_table(lat, f"\nLatency at {args.latency_rate:.0f} pps:"), file=sys.stderr)
     print(f"\nadded latency vs kernel MFC (us): {added}", file=sys.stderr)
     print("\nTargets:", file=sys.stderr)
@@ -625,6 +756,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", default="1,4")
     ap.add_argument("--engines", default="kernel,packet,socket")
     ap.add_argument("--many", type=int, default=10000, help="installed relays (0: skip)")
+    ap.add_argument(
+        "--flows",
+        type=int,
+        default=8,
+        help=f"interleaved flows of the mixed-traffic case (0: skip; at most {MAX_FLOWS})",
+    )
+    ap.add_argument(
+        "--bursts",
+        default="1,16",
+        help="mixed traffic: consecutive packets of one flow before the next (comma list)",
+    )
     ap.add_argument("--latency-rate", type=float, default=50000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--gen-cpu", default="0")
@@ -647,6 +789,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-dir", help="compile the C tools here (default: a temp dir)")
     ap.add_argument("--output", help="JSON file (default bench/results/latest.json)")
     args = ap.parse_args(argv)
+    if not 0 <= args.flows <= MAX_FLOWS or args.flows == 1:
+        ap.error(f"--flows: 0 (skip) or 2..{MAX_FLOWS}")
+    try:
+        bad = any(int(k) < 1 for k in args.bursts.split(","))
+    except ValueError:
+        bad = True
+    if bad:
+        ap.error("--bursts: comma list of integers >= 1")
     if os.geteuid() != 0:
         print("bench.relay_throughput: needs root (network namespaces)", file=sys.stderr)
         return 2

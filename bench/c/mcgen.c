@@ -2,6 +2,10 @@
  *
  * Sends datagrams to GROUP:PORT out of one interface with sendmmsg batches,
  * either flat out or paced at a target rate, for a duration or a count.
+ * With --groups N the traffic is N interleaved flows: the datagram with
+ * sequence number s goes to group GROUP + (s / BURST) % N (IPv4, counted in
+ * host byte order: 239.1.1.1, 239.1.1.2, ...), i.e. BURST datagrams to one
+ * group, then BURST to the next, round robin.
  * Every payload starts with a header the sink understands:
  *   u32 magic 'MCRB' | u32 stream | u64 sequence | u64 send time (ns, CLOCK_MONOTONIC)
  * (CLOCK_MONOTONIC is the same in every network namespace of one host, so the
@@ -26,6 +30,7 @@
 #define MAGIC 0x4252434dU /* "MCRB" little endian */
 #define HDR 24
 #define MAXBATCH 1024
+#define MAXGROUPS 65536
 
 static volatile sig_atomic_t stop;
 static void on_sig(int s) { (void)s; stop = 1; }
@@ -42,14 +47,17 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: mcgen --group ADDR --port N --iface NAME [--size BYTES] [--rate PPS]\n"
 		"             [--duration SEC] [--count N] [--batch N] [--ttl N] [--stream N]\n"
-		"  --rate 0 (default) sends flat out; size >= %d (payload bytes)\n", HDR);
+		"             [--groups N] [--burst K]\n"
+		"  --rate 0 (default) sends flat out; size >= %d (payload bytes)\n"
+		"  --groups N (default 1, at most %d): datagram s goes to GROUP + (s / K) %% N,\n"
+		"  i.e. --burst K (default 1) datagrams per group in turn\n", HDR, MAXGROUPS);
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
 	const char *group = NULL, *iface = NULL;
-	int port = 0, size = 64, batch = 32, ttl = 16;
+	int port = 0, size = 64, batch = 32, ttl = 16, groups = 1, burst = 1;
 	double rate = 0, duration = 0;
 	long long count = 0;
 	unsigned stream = 0;
@@ -59,6 +67,7 @@ int main(int argc, char **argv)
 		{"rate", required_argument, 0, 'r'},  {"duration", required_argument, 0, 'd'},
 		{"count", required_argument, 0, 'c'}, {"batch", required_argument, 0, 'b'},
 		{"ttl", required_argument, 0, 't'},   {"stream", required_argument, 0, 'S'},
+		{"groups", required_argument, 0, 'G'}, {"burst", required_argument, 0, 'B'},
 		{"help", no_argument, 0, 'h'},        {0, 0, 0, 0}};
 	int c;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -73,17 +82,31 @@ int main(int argc, char **argv)
 		case 'b': batch = atoi(optarg); break;
 		case 't': ttl = atoi(optarg); break;
 		case 'S': stream = (unsigned)atoi(optarg); break;
+		case 'G': groups = atoi(optarg); break;
+		case 'B': burst = atoi(optarg); break;
 		default: usage();
 		}
 	}
 	if (!group || !iface || port <= 0 || port > 65535 || size < HDR || size > 65000 ||
 	    batch < 1 || batch > MAXBATCH || rate < 0 || (duration <= 0 && count <= 0) ||
-	    ttl < 1 || ttl > 255)
+	    ttl < 1 || ttl > 255 || groups < 1 || groups > MAXGROUPS || burst < 1)
 		usage();
-	struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-	if (inet_pton(AF_INET, group, &dst.sin_addr) != 1) {
+	struct in_addr base;
+	if (inet_pton(AF_INET, group, &base) != 1) {
 		fprintf(stderr, "mcgen: bad group %s\n", group);
 		return 2;
+	}
+	uint32_t base_h = ntohl(base.s_addr);
+	if ((uint64_t)base_h + (uint64_t)groups - 1 > UINT32_MAX) {
+		fprintf(stderr, "mcgen: %s + %d groups runs past 255.255.255.255\n", group, groups);
+		return 2;
+	}
+	struct sockaddr_in *dsts = calloc((size_t)groups, sizeof *dsts);
+	if (!dsts) return 1;
+	for (int g = 0; g < groups; g++) {
+		dsts[g].sin_family = AF_INET;
+		dsts[g].sin_port = htons((uint16_t)port);
+		dsts[g].sin_addr.s_addr = htonl(base_h + (uint32_t)g);
 	}
 	unsigned ifindex = if_nametoindex(iface);
 	if (!ifindex) {
@@ -116,8 +139,8 @@ int main(int argc, char **argv)
 		for (int k = HDR; k < size; k++) b[k] = (char)(k & 0xff);
 		iov[i].iov_base = b;
 		iov[i].iov_len = (size_t)size;
-		msgs[i].msg_hdr.msg_name = &dst;
-		msgs[i].msg_hdr.msg_namelen = sizeof dst;
+		msgs[i].msg_hdr.msg_name = &dsts[0];
+		msgs[i].msg_hdr.msg_namelen = sizeof dsts[0];
 		msgs[i].msg_hdr.msg_iov = &iov[i];
 		msgs[i].msg_hdr.msg_iovlen = 1;
 	}
@@ -150,6 +173,9 @@ int main(int argc, char **argv)
 			h[1] = stream;
 			memcpy(&h[2], &s, 8);
 			memcpy(&h[4], &t, 8);
+			if (groups > 1) /* one flow (the default) keeps dsts[0]: no division per datagram */
+				msgs[i].msg_hdr.msg_name =
+				    &dsts[(s / (uint64_t)burst) % (uint64_t)groups];
 		}
 		int r = sendmmsg(fd, msgs, (unsigned)n, 0);
 		calls++;
@@ -164,8 +190,9 @@ int main(int argc, char **argv)
 	}
 	double el = (double)(now_ns() - t0) / 1e9;
 	printf("{\"sent\": %llu, \"errors\": %llu, \"calls\": %llu, \"elapsed\": %.6f, "
-	       "\"pps\": %.1f, \"size\": %d, \"batch\": %d, \"rate\": %.1f}\n",
+	       "\"pps\": %.1f, \"size\": %d, \"batch\": %d, \"rate\": %.1f, \"groups\": %d, "
+	       "\"burst\": %d}\n",
 	       (unsigned long long)sent, (unsigned long long)errors, (unsigned long long)calls, el,
-	       el > 0 ? (double)sent / el : 0.0, size, batch, rate);
+	       el > 0 ? (double)sent / el : 0.0, size, batch, rate, groups, burst);
 	return 0;
 }

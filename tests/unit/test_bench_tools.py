@@ -12,7 +12,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root holds bench/
 from bench import tools
-from bench.relay_throughput import cpu_mask, relay_rules, summarise_profile
+from bench.relay_throughput import (
+    Result,
+    cpu_mask,
+    fmt_table,
+    mixed_listens,
+    mixed_rules,
+    relay_rules,
+    summarise_profile,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 
@@ -31,6 +39,9 @@ def test_both_tools_build(exe: dict[str, Path]) -> None:
     assert all(p.is_file() for p in exe.values())
 
 
+GEN_LO = ("--group", "239.1.1.1", "--port", "5000", "--iface", "lo", "--count", "1")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -41,6 +52,10 @@ def test_both_tools_build(exe: dict[str, Path]) -> None:
         ("--group", "239.1.1.1", "--port", "5000", "--iface", "lo", "--size", "8", "--count", "1"),
         ("--group", "239.1.1.1", "--port", "5000", "--iface", "lo"),  # neither count nor time
         ("--group", "239.1.1.1", "--port", "5000", "--iface", "no-such-if0", "--count", "1"),
+        (*GEN_LO, "--groups", "0"),
+        (*GEN_LO, "--groups", "65537"),
+        (*GEN_LO, "--burst", "0"),
+        (*GEN_LO, "--group", "255.255.255.255", "--groups", "2"),  # runs past the last address
         ("--bogus",),
     ],
 )
@@ -68,6 +83,7 @@ def test_mcsink_refuses_bad_arguments(exe: dict[str, Path], args: tuple[str, ...
 
 def test_help_texts(exe: dict[str, Path]) -> None:
     assert "usage: mcgen" in run(exe["mcgen"], "--help").stderr
+    assert "--groups N" in run(exe["mcgen"], "--help").stderr
     assert "usage: mcsink" in run(exe["mcsink"], "--help").stderr
 
 
@@ -86,6 +102,26 @@ def test_helpers() -> None:
     rules = relay_rules("socket", 4, 3)["relays"]
     assert len(rules) == 3 and len({r["input"]["group"] for r in rules}) == 3
     assert len(rules[0]["outputs"]) == 4 and all(r["mode"] == "socket" for r in rules)
+
+
+def test_mixed_helpers() -> None:
+    rules = mixed_rules("packet", 8)["relays"]
+    assert [r["input"]["group"] for r in rules] == [f"239.1.1.{k}" for k in range(1, 9)]
+    assert all(len(r["outputs"]) == 1 and r["outputs"][0]["oif"] == "dn1" for r in rules)
+    outs = [r["outputs"][0]["address"] for r in rules]
+    assert outs == [f"239.2.2.{k}" for k in range(2, 10)]
+    assert mixed_listens(8) == [f"{g}:6000@veth1" for g in outs]
+    assert all(r["mode"] == "packet" and r["input"]["port"] == 5000 for r in rules)
+
+
+def test_table_shows_flows_only_for_mixed_rows() -> None:
+    one = Result("packet", 64, 1, 1, 0.0)
+    mixed = Result("packet", 64, 1, 8, 1000.0, flows=8, burst=16)
+    assert "flows" not in fmt_table([one], "t") and "flows" not in one.label
+    table = fmt_table([mixed], "t").splitlines()
+    assert "flows" in table[1] and "burst" in table[1]
+    assert table[3].split()[4:6] == ["8", "16"]
+    assert "8flows burst 16" in mixed.label
 
 
 def test_profile_summary(tmp_path: Path) -> None:
