@@ -73,12 +73,18 @@ def run(
     (w.batch_v4 if family == 4 else w.batch_v6)(w.ingress[1], w.rv_packet, n)
     for sq in w.dirty:
         sq.flush()
-    per_dest: dict[Any, list[bytes]] = {}
+    # What each output of each relay sent, in order. Outputs of different
+    # relays may interleave differently (a batch of mixed flows is queued flow
+    # by flow), but no output's own order may change.
+    output_of = {
+        o.name_addr: (e.id, idx) for e in w.table.entries for idx, o in enumerate(e.outs)
+    }
+    per_output: dict[Any, list[bytes]] = {}
     for addr, data, _gso in sent:
-        per_dest.setdefault(ctypes.string_at(addr, 16), []).append(data)
+        per_output.setdefault(output_of[addr], []).append(data)
     counters = [w.counters[e.id] for e in entries]
     outs = sorted((k, v[:3]) for k, v in w.out_counters.items())
-    return per_dest, [counters, outs], w.unmatched, w.malformed, [len(sent)]
+    return per_output, [counters, outs], w.unmatched, w.malformed, [len(sent)]
 
 
 OUT = (m.OutputSpec("127.0.0.1", 9, 0, 5, 0), m.OutputSpec("127.0.0.2", 9, 0, 5, 0))

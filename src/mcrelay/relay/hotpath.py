@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from itertools import compress, islice, pairwise
 from operator import ne, sub
 from typing import TYPE_CHECKING
@@ -78,6 +79,40 @@ def runs(keys: list[int], n: int) -> list[Span]:
     return list(pairwise(edges))
 
 
+# Payload addresses and lengths per relay, in arrival order, for a batch of
+# finely interleaved flows: queued relay by relay at the end of the batch, so
+# each output's payloads lie together and UDP GSO can send them as one message.
+# Each output keeps its own order; only different relays' packets are reordered
+# against each other, as any two independent streams may be.
+Held = dict["tbl.Entry", tuple[list[int], list[int]]]
+
+
+def _hold(held: Held, e: tbl.Entry, plen: int, paddr: int) -> None:
+    h = held.get(e)
+    if h is None:
+        held[e] = ([paddr], [plen])
+    else:
+        h[0].append(paddr)
+        h[1].append(plen)
+
+
+def _release(held: Held) -> None:
+    for e, (addrs, lens) in held.items():
+        mv = memoryview(array("Q", addrs))
+        k = len(lens)
+        first = lens[0]
+        if lens.count(first) == k:
+            for o in e.outs:
+                o.sq.add_run(o, mv, first)
+            continue
+        a = 0
+        for i in range(1, k + 1):  # one add_run per stretch of one length, in order
+            if i == k or lens[i] != lens[a]:
+                for o in e.outs:
+                    o.sq.add_run(o, mv[a:i], lens[a])
+                a = i
+
+
 class HotPath:
     """Batch handling of a worker; the worker holds the tables and the counters."""
 
@@ -103,6 +138,10 @@ class HotPath:
                     if b - a < BULK_MIN or not self.run_v4(inn, rv, a, b):
                         self._each_v4(inn, rv, a, b)
                 return
+            held: Held = {}
+            self._each_v4(inn, rv, 0, n, held)
+            _release(held)
+            return
         self._each_v4(inn, rv, 0, n)
 
     def batch_v6(self, inn: Ingress, rv: RecvVec, n: int) -> None:
@@ -116,6 +155,10 @@ class HotPath:
                     if b - a < BULK_MIN or not self.run_v6(inn, rv, a, b):
                         self._each_v6(inn, rv, a, b)
                 return
+            held: Held = {}
+            self._each_v6(inn, rv, 0, n, held)
+            _release(held)
+            return
         self._each_v6(inn, rv, 0, n)
 
     def batch_socket(self, inn: Ingress, rv: RecvVec, n: int) -> None:
@@ -239,7 +282,7 @@ class HotPath:
     # ------------------------------------------------------------ per packet
     # Locals only, no objects created per packet beyond what unpack_from returns.
 
-    def _each_v4(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> None:
+    def _each_v4(self, inn: Ingress, rv: RecvVec, a: int, b: int, held: Held | None = None) -> None:
         table = inn.table
         u = rv.u32
         buf = rv.buf
@@ -279,6 +322,9 @@ class HotPath:
                 continue
             c[0] += 1
             c[1] += plen
+            if held is not None:
+                _hold(held, e, plen, base + off + ihl + 8)
+                continue
             o = e.out1
             if o is not None:
                 e.add1(o, base + off + ihl + 8, plen)  # type: ignore[misc]
@@ -287,7 +333,7 @@ class HotPath:
                 for o in e.outs:
                     o.sq.add(o, paddr, plen)
 
-    def _each_v6(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> None:
+    def _each_v6(self, inn: Ingress, rv: RecvVec, a: int, b: int, held: Held | None = None) -> None:
         table = inn.table
         u = rv.u32
         buf = rv.buf
@@ -326,6 +372,9 @@ class HotPath:
                 continue
             c[0] += 1
             c[1] += plen
+            if held is not None:
+                _hold(held, e, plen, base + off + 48)
+                continue
             o = e.out1
             if o is not None:
                 e.add1(o, base + off + 48, plen)  # type: ignore[misc]
