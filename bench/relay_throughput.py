@@ -172,10 +172,17 @@ def build_lab() -> Lab:
     return lab
 
 
-def kernel_rules(outputs: int) -> dict[str, Any]:
+def idle_group(i: int) -> str:
+    """The group of the i-th idle relay (or idle join) of the many-relays cases."""
+    return f"239.100.{i // 250}.{i % 250 + 1}"
+
+
+def kernel_rules(outputs: int, joins: int = 0) -> dict[str, Any]:
+    """The reference route; ``joins`` idle groups joined on up0 as the relays would join them."""
     oifs = [f"dn{k}" for k in range(1, outputs + 1)]
     route = {"iif": "up0", "source": SRC_ADDR, "group": G_IN, "oifs": oifs}
-    return {"routes": [route], "relays": [], "groups": []}
+    groups = [{"iface": "up0", "group": idle_group(i)} for i in range(joins)]
+    return {"routes": [route], "relays": [], "groups": groups}
 
 
 def relay_rules(mode: str, outputs: int, relays: int) -> dict[str, Any]:
@@ -186,7 +193,7 @@ def relay_rules(mode: str, outputs: int, relays: int) -> dict[str, Any]:
         {"name": "bench", "input": {"iif": "up0", "group": G_IN, "port": P_IN}, "outputs": outs}
     ]
     for i in range(relays - 1):  # idle relays: distinct groups, never any traffic
-        group = f"239.100.{i // 250}.{i % 250 + 1}"
+        group = idle_group(i)
         rules.append(
             {
                 "name": f"idle{i}",
@@ -479,7 +486,7 @@ def set_ratios(results: list[Result], reference: list[Result] | None = None) -> 
     ref = {
         (r.size, r.outputs): r
         for r in (results if reference is None else reference)
-        if r.engine == "kernel"
+        if r.engine == "kernel" and r.relays == 1
     }
     for r in results:
         k = ref.get((r.size, r.outputs))
@@ -518,6 +525,13 @@ def targets(flat: list[Result], sus: list[Result]) -> list[dict[str, Any]]:
             1.5,
             False,
         )
+    k_many = find(sus, "kernel", 10000)
+    add(
+        "kernel with 9999 groups joined vs kernel (sustainable)",
+        k_many.delivered_pps / k.delivered_pps if k and k_many and k.delivered_pps else None,
+        0.97,
+        judged=False,
+    )
     for rs, what in ((sus, "sustainable"), (flat, "flat out")):
         for engine in ("packet", "socket"):
             one, many = find(rs, engine), find(rs, engine, 10000)
@@ -668,6 +682,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     s = b.sustainable(engine, 64, 1, args.flows, top, flows=args.flows, burst=burst)
                     log(f"sust  {s.label}: {s.delivered_pps:9.0f} pps, loss {s.loss_pct:.2f}%")
                     mixed.append(s)
+        if args.many and "kernel" in engines and 64 in sizes and 1 in outs:
+            # The kernel with as many groups joined on up0 as the relays join:
+            # what the joins alone cost the router, whatever forwards.
+            t = time.monotonic()
+            b.apply(kernel_rules(1, joins=args.many - 1))
+            b.wait_flowing(listens("kernel", 1))
+            log(f"kernel 1 out {args.many - 1} joins ready in {time.monotonic() - t:.1f}s")
+            one = next(x for x in flat if (x.engine, x.size, x.outputs) == ("kernel", 64, 1))
+            s = b.sustainable("kernel", 64, 1, args.many, one.offered_pps)
+            log(f"sust  {s.label} (joins): {s.delivered_pps:9.0f} pps, loss {s.loss_pct:.2f}%")
+            sus.append(s)
         if args.many:
             for engine in [e for e in engines if e != "kernel"]:
                 for outputs in outs:

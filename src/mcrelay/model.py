@@ -19,7 +19,7 @@ from .errors import InvalidParams
 MAX_OUTPUTS = 32
 MAX_ROUTES = 4096
 MAX_RELAYS = 20000
-MAX_GROUPS = 4096
+MAX_GROUPS = MAX_RELAYS  # explicit joins: as many as the relays may hold implicitly
 MAX_NAME = 64
 MAX_SOURCES = 64
 DEFAULT_MCAST_TTL = 16

@@ -76,9 +76,7 @@ def run(
     # What each output of each relay sent, in order. Outputs of different
     # relays may interleave differently (a batch of mixed flows is queued flow
     # by flow), but no output's own order may change.
-    output_of = {
-        o.name_addr: (e.id, idx) for e in w.table.entries for idx, o in enumerate(e.outs)
-    }
+    output_of = {o.name_addr: (e.id, idx) for e in w.table.entries for idx, o in enumerate(e.outs)}
     per_output: dict[Any, list[bytes]] = {}
     for addr, data, _gso in sent:
         per_output.setdefault(output_of[addr], []).append(data)

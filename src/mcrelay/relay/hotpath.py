@@ -1,6 +1,7 @@
 """The worker's hot path: one received batch in, payloads queued on egress sockets.
 
-Two ways through a batch, which must end the same (tests/unit/test_relay_bulk.py):
+Three ways through a batch; every output of every relay must send the same
+payloads in the same order whichever is taken (tests/unit/test_relay_bulk.py):
 
 - *per packet* (``_each_v4``, ``_each_v6``, ``_each_socket``): parse, look up,
   filter and queue one packet at a time. This is the reference, and the path
@@ -14,11 +15,15 @@ Two ways through a batch, which must end the same (tests/unit/test_relay_bulk.py
   looked up once and the payload iovecs are written with two slice
   assignments (:meth:`SendQueue.add_run`), so the Python work is per run, not
   per packet.
+- *held* (``_each_v4``/``_each_v6`` with a ``Held``): flows interleaved too
+  finely for runs are checked packet by packet, but queued relay by relay at
+  the end of the batch, so that each output's payloads still lie together and
+  go as one UDP GSO message.
 
 A batch is cut into runs on the destination address and ports; runs shorter
 than ``BULK_MIN`` packets, or that fail a check, go packet by packet. One
 stream alone gives one run per batch; interleaved streams give as many runs
-as their packets are bunched.
+as their packets are bunched, or none (then *held*).
 """
 
 from __future__ import annotations
