@@ -172,7 +172,7 @@ class Driver:
             time.sleep(0.05)
 
     def wait_counter(self, name: str, packets: int, timeout: float = 5.0) -> dict[str, Any]:
-        """Until relay ``name`` has counted at least ``packets`` (stats lag ~0.5 s)."""
+        """Until relay ``name`` has counted at least ``packets`` (or ``timeout`` passes)."""
         deadline = time.monotonic() + timeout
         while True:
             r = self.relay(name)

@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import pwd
+import select
 import signal
 import socket
 import sys
@@ -49,6 +50,7 @@ from mcrelay.relay import messages as m
 from mcrelay.relay.trace import MANAGER_RING, Ring
 
 STATS_INTERVAL = 0.5
+REFRESH_TIMEOUT = 0.25  # longest a listing waits for fresh worker counters
 PING_INTERVAL = 2.0
 DEAD_AFTER = 10.0  # no message from a worker for this long: kill it
 START_TIMEOUT = 10.0
@@ -106,6 +108,7 @@ class _Slot:
     last_stats: float = 0.0
     last_ping: float = 0.0
     seq: int = 0
+    stats_seq: int = 0  # seq of the last Stats received
     uid: int | None = None
     cpu: float = 0.0
     cpu_base: float = 0.0
@@ -362,6 +365,7 @@ class RelayManager:
     def _on_message(self, slot: _Slot, msg: Any, now: float) -> None:
         slot.last_seen = now
         if isinstance(msg, m.Stats):
+            slot.stats_seq = msg.seq
             # Stats carries changes only (see m.Stats): merge, then drop what is gone.
             slot.stats.update((rs.id, rs) for rs in msg.relays)
             for gone_id in msg.gone:
@@ -498,8 +502,40 @@ class RelayManager:
             raise
         return diff
 
+    def refresh(self, timeout: float = REFRESH_TIMEOUT) -> None:
+        """Pull every running worker's counters now and wait (bounded) for them.
+
+        Between pulls the counters are up to STATS_INTERVAL old: an engineer who
+        has just sent 200 packets and lists the relays expects to see 200, as
+        the kernel's own counters would show. A worker that does not answer
+        within ``timeout`` keeps its last counters.
+        """
+        now = time.monotonic()
+        waiting = []
+        for slot in self._slots:
+            if slot.state == "running" and slot.chan is not None:
+                slot.seq += 1
+                slot.last_stats = now
+                if self._send(slot, m.StatsRequest(slot.seq), now=now):
+                    waiting.append(slot)
+        deadline = now + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            fds = [s.chan.fileno() for s in waiting if s.chan is not None]
+            ready, _, _ = select.select(fds, [], [], left)
+            for fd in ready:
+                self.handle_readable(fd, time.monotonic())
+            waiting = [
+                s
+                for s in waiting
+                if s.state == "running" and s.chan is not None and s.stats_seq < s.seq
+            ]
+
     def relays(self) -> list[dict[str, Any]]:
         """Every relay: its rule, state, and counters summed over workers past and present."""
+        self.refresh()
         out = []
         for name in sorted(self._relays):
             rec = self._relays[name]
