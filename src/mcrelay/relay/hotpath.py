@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import struct
 from array import array
+from collections.abc import Callable
 from itertools import compress, islice, pairwise
 from operator import ne, sub
 from typing import TYPE_CHECKING
@@ -118,6 +119,26 @@ def _release(held: Held) -> None:
                 a = i
 
 
+def _same(view: memoryview, word: int, a: int, b: int, stride: int) -> bool:
+    """Word ``word`` of the header is equal in slots a..b-1 (``stride`` words a slot).
+
+    The slice over slots a..b-2 against the one over a+1..b-1: one comparison in C.
+    """
+    lo = a * stride + word
+    hi = b * stride + word
+    return view[lo : hi - stride : stride] == view[lo + stride : hi : stride]
+
+
+def _queue_run(e: tbl.Entry, rv: RecvVec, a: int, b: int, header: int, plen: int) -> None:
+    """Count slots [a, b) on relay ``e`` and queue their payloads (after ``header`` bytes)."""
+    c = e.c
+    c[0] += b - a
+    c[1] += (b - a) * plen
+    addrs = rv.payload_addrs(header)[a:b]
+    for o in e.outs:
+        o.sq.add_run(o, addrs, plen)
+
+
 class HotPath:
     """Batch handling of a worker; the worker holds the tables and the counters."""
 
@@ -134,37 +155,41 @@ class HotPath:
 
     def batch_v4(self, inn: Ingress, rv: RecvVec, n: int) -> None:
         if n >= BULK_MIN and self.bulk:
-            if self.run_v4(inn, rv, 0, n):
-                return
-            s64 = rv.size >> 3
-            spans = runs(rv.v64[2 : n * s64 : s64].tolist(), n)  # destination, ports
-            if spans:
-                for a, b in spans:
-                    if b - a < BULK_MIN or not self.run_v4(inn, rv, a, b):
-                        self._each_v4(inn, rv, a, b)
-                return
-            held: Held = {}
-            self._each_v4(inn, rv, 0, n, held)
-            _release(held)
-            return
-        self._each_v4(inn, rv, 0, n)
+            self._batch_ip(inn, rv, n, 2, self.run_v4, self._each_v4)  # destination, ports
+        else:
+            self._each_v4(inn, rv, 0, n)
 
     def batch_v6(self, inn: Ingress, rv: RecvVec, n: int) -> None:
         if n >= BULK_MIN and self.bulk:
-            if self.run_v6(inn, rv, 0, n):
-                return
-            s64 = rv.size >> 3
-            spans = runs(rv.v64[4 : n * s64 : s64].tolist(), n)  # low half of the destination
-            if spans:
-                for a, b in spans:
-                    if b - a < BULK_MIN or not self.run_v6(inn, rv, a, b):
-                        self._each_v6(inn, rv, a, b)
-                return
-            held: Held = {}
-            self._each_v6(inn, rv, 0, n, held)
-            _release(held)
+            self._batch_ip(inn, rv, n, 4, self.run_v6, self._each_v6)  # destination, low half
+        else:
+            self._each_v6(inn, rv, 0, n)
+
+    def _batch_ip(
+        self,
+        inn: Ingress,
+        rv: RecvVec,
+        n: int,
+        key_word: int,
+        run: Callable[[Ingress, RecvVec, int, int], bool],
+        each: Callable[[Ingress, RecvVec, int, int, Held | None], None],
+    ) -> None:
+        """The whole batch as one run, else its runs, else packet by packet but held.
+
+        ``key_word`` is the 8-byte word of the header that cuts the batch into runs.
+        """
+        if run(inn, rv, 0, n):
             return
-        self._each_v6(inn, rv, 0, n)
+        s64 = rv.size >> 3
+        spans = runs(rv.v64[key_word : n * s64 : s64].tolist(), n)
+        if spans:
+            for a, b in spans:
+                if b - a < BULK_MIN or not run(inn, rv, a, b):
+                    each(inn, rv, a, b, None)
+            return
+        held: Held = {}
+        each(inn, rv, 0, n, held)
+        _release(held)
 
     def batch_socket(self, inn: Ingress, rv: RecvVec, n: int) -> None:
         e = inn.single
@@ -186,19 +211,14 @@ class HotPath:
 
     def run_v4(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> bool:
         """Relay slots [a, b) as one flow; False (nothing done) if they are not one."""
-        v32, s32 = rv.v32, rv.size >> 2
-        a32, e32 = a * s32, b * s32 - s32
-        v16, s16 = rv.v16, rv.size >> 1
-        a16, e16 = a * s16, b * s16 - s16
-        v64, s64 = rv.v64, rv.size >> 3
-        a64, e64 = a * s64, b * s64 - s64
+        w64, w32, w16 = rv.size >> 3, rv.size >> 2, rv.size >> 1  # words per slot
         off = a * rv.size
-        if (
-            v64[a64 + 2 : e64 : s64] != v64[a64 + s64 + 2 : e64 + s64 : s64]  # dst, ports
-            or v32[a32:e32:s32] != v32[a32 + s32 : e32 + s32 : s32]  # version/IHL, TOS, length
-            or rv.view[off] != 0x45
-            or v16[a16 + 3 : e16 : s16] != v16[a16 + s16 + 3 : e16 + s16 : s16]  # flags, frag
-            or v16[a16 + 12 : e16 : s16] != v16[a16 + s16 + 12 : e16 + s16 : s16]  # UDP length
+        if not (
+            _same(rv.v64, 2, a, b, w64)  # destination, ports
+            and _same(rv.v32, 0, a, b, w32)  # version/IHL, TOS, total length
+            and rv.view[off] == 0x45
+            and _same(rv.v16, 3, a, b, w16)  # flags, fragment offset
+            and _same(rv.v16, 12, a, b, w16)  # UDP length
         ):
             return False
         _vihl, frag, src, dst, dport, ulen = _V4.unpack_from(rv.buf, off)
@@ -208,39 +228,28 @@ class HotPath:
         if e is None:
             self.unmatched += b - a
             return True
-        c = e.c
         if frag & 0x3FFF:
-            c[m.FRAGMENT] += b - a
+            e.c[m.FRAGMENT] += b - a
             return True
         if e.sources is not None:
-            if v32[a32 + 3 : e32 : s32] != v32[a32 + s32 + 3 : e32 + s32 : s32]:
+            if not _same(rv.v32, 3, a, b, w32):  # source
                 return False
             if src not in e.sources:
-                c[m.FILTERED] += b - a
+                e.c[m.FILTERED] += b - a
                 return True
-        plen = ulen - 8
-        c[0] += b - a
-        c[1] += (b - a) * plen
-        addrs = rv.payload_addrs(28)[a:b]
-        for o in e.outs:
-            o.sq.add_run(o, addrs, plen)
+        _queue_run(e, rv, a, b, 28, ulen - 8)
         return True
 
     def run_v6(self, inn: Ingress, rv: RecvVec, a: int, b: int) -> bool:
         """Relay slots [a, b) as one flow; False (nothing done) if they are not one."""
-        v32, s32 = rv.v32, rv.size >> 2
-        a32, e32 = a * s32, b * s32 - s32
-        v16, s16 = rv.v16, rv.size >> 1
-        a16, e16 = a * s16, b * s16 - s16
-        v64, s64 = rv.v64, rv.size >> 3
-        a64, e64 = a * s64, b * s64 - s64
-        if (
-            v64[a64 + 3 : e64 : s64] != v64[a64 + s64 + 3 : e64 + s64 : s64]  # destination
-            or v64[a64 + 4 : e64 : s64] != v64[a64 + s64 + 4 : e64 + s64 : s64]
-            or v32[a32 + 10 : e32 : s32] != v32[a32 + s32 + 10 : e32 + s32 : s32]  # ports
-            or v32[a32:e32:s32] != v32[a32 + s32 : e32 + s32 : s32]  # version, class, flow
-            or v32[a32 + 1 : e32 : s32] != v32[a32 + s32 + 1 : e32 + s32 : s32]  # length, nh
-            or v16[a16 + 22 : e16 : s16] != v16[a16 + s16 + 22 : e16 + s16 : s16]  # UDP length
+        w64, w32, w16 = rv.size >> 3, rv.size >> 2, rv.size >> 1
+        if not (
+            _same(rv.v64, 3, a, b, w64)  # destination
+            and _same(rv.v64, 4, a, b, w64)
+            and _same(rv.v32, 10, a, b, w32)  # ports
+            and _same(rv.v32, 0, a, b, w32)  # version, class, flow label
+            and _same(rv.v32, 1, a, b, w32)  # payload length, next header, hop limit
+            and _same(rv.v16, 22, a, b, w16)  # UDP length
         ):
             return False
         _plen, nh, src, dst, dport, ulen = _V6.unpack_from(rv.buf, a * rv.size)
@@ -251,22 +260,13 @@ class HotPath:
         if e is None:
             self.unmatched += b - a
             return True
-        c = e.c
         if e.sources is not None:
-            if (
-                v64[a64 + 1 : e64 : s64] != v64[a64 + s64 + 1 : e64 + s64 : s64]
-                or v64[a64 + 2 : e64 : s64] != v64[a64 + s64 + 2 : e64 + s64 : s64]
-            ):
+            if not (_same(rv.v64, 1, a, b, w64) and _same(rv.v64, 2, a, b, w64)):  # source
                 return False
             if src not in e.sources:
-                c[m.FILTERED] += b - a
+                e.c[m.FILTERED] += b - a
                 return True
-        plen = ulen - 8
-        c[0] += b - a
-        c[1] += (b - a) * plen
-        addrs = rv.payload_addrs(48)[a:b]
-        for o in e.outs:
-            o.sq.add_run(o, addrs, plen)
+        _queue_run(e, rv, a, b, 48, ulen - 8)
         return True
 
     def run_socket(self, e: tbl.Entry, rv: RecvVec, a: int, b: int) -> bool:
@@ -276,12 +276,7 @@ class HotPath:
         lens = u[lo + I_LEN : hi : I_STRIDE]
         if lens[:-1] != lens[1:] or any(u[lo + I_FLAGS : hi : I_STRIDE]):
             return False
-        ln = lens[0]
-        e.c[0] += b - a
-        e.c[1] += (b - a) * ln
-        addrs = rv.payload_addrs(0)[a:b]
-        for o in e.outs:
-            o.sq.add_run(o, addrs, ln)
+        _queue_run(e, rv, a, b, 0, lens[0])
         return True
 
     # ------------------------------------------------------------ per packet
