@@ -6,6 +6,7 @@ Topology (tests/netns/conftest.py `lab`):  src --up0 [router] dn1-- rcv1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -281,10 +282,20 @@ def test_the_control_process_runs_unprivileged_and_holds_no_kernel_socket(
     assert status["NoNewPrivs"].strip() == "1"
     # Every socket it holds is a Unix socket (listener, supervisor channel,
     # clients): never an mroute, AF_PACKET or netlink socket.
-    inodes = {
-        os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:[") : -1]
-        for fd in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    }
+    inodes = socket_inodes(pid)
     unix = {line.split()[6] for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]}
-    assert inodes and inodes <= unix, inodes - unix
+    # A client connection closed between the two reads is gone from both by now;
+    # a socket of another family stays in the fd table and is caught.
+    other = (inodes - unix) & socket_inodes(pid)
+    assert inodes and not other, other
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inode numbers of the sockets process ``pid`` holds open."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                found.add(link[len("socket:[") : -1])
+    return found
