@@ -400,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--user", default="nobody")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="mcrelay-control: %(levelname)s %(message)s"
-    )
+    from .logsetup import configure as configure_logging
+
+    configure_logging("mcrelay-control", logging.INFO)  # journald priorities, as mcrelayd
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)

@@ -10,6 +10,8 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError
+from .logsetup import configure as configure_logging
+from .logsetup import prefix as journal_prefix
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides)
     except ConfigError as exc:
-        print(f"mcrelayd: {exc}", file=sys.stderr)
+        # Fatal, and logging is not set up yet: still stored as an error.
+        print(f"{journal_prefix(logging.ERROR)}mcrelayd: {exc}", file=sys.stderr)
         return 1
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=settings.log_level.upper(),
-        format=f"{stamp}mcrelayd: %(levelname)s %(message)s",
-    )
+    # Under systemd each line carries its journald priority (logsetup.py).
+    configure_logging("mcrelayd", settings.log_level)
     if os.geteuid() != 0:
         logging.getLogger("mcrelay").warning(
             "not running as root: kernel routes and AF_PACKET need CAP_NET_ADMIN and CAP_NET_RAW"
