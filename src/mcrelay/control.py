@@ -24,6 +24,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import protocol
 from .control_messages import Call, ControlSettings, Reply
@@ -53,6 +54,7 @@ class Peer:
     closing: bool = False
     inflight: int = 0  # requests forwarded to the supervisor, not yet answered
     events: int = 0  # what the selector watches for this peer (0: not registered)
+    traces: set[str] = field(default_factory=set)  # relays this connection is tracing
 
     def may(self, access: str, settings: ControlSettings) -> bool:
         if self.uid == 0:
@@ -93,6 +95,17 @@ def _proc_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
+@dataclass
+class Pending:
+    """A call at the supervisor: whom to answer (None: the control process's own call)."""
+
+    peer: Peer | None
+    rid: int | str | None
+    notification: bool
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 class ControlServer:
     """The select loop of the control process.
 
@@ -115,7 +128,10 @@ class ControlServer:
         self.settings = settings
         self.sel = selectors.DefaultSelector()
         self.peers: dict[int, Peer] = {}
-        self.pending: dict[int, tuple[Peer, int | str | None, bool]] = {}
+        self.pending: dict[int, Pending] = {}
+        # Tracing is leased to connections: relay name -> the peers tracing it.
+        # The last one to stop or hang up (even killed with -9) stops it.
+        self.tracers: dict[str, set[int]] = {}
         self.seq = 0
         self.running = True
         listener.setblocking(False)
@@ -215,6 +231,11 @@ class ControlServer:
                 self._close(peer)
 
     def _close(self, peer: Peer) -> None:
+        for name in sorted(peer.traces):
+            if self._release_trace(peer, name):
+                self.seq += 1
+                self.pending[self.seq] = Pending(None, None, True, "trace.stop")
+                self._send_call(Call(self.seq, "trace.stop", {"name": name}, peer.uid))
         fd = peer.sock.fileno()
         if fd in self.peers and self.peers[fd] is peer:
             del self.peers[fd]
@@ -353,10 +374,26 @@ class ControlServer:
                 err = {"code": -32603, "message": f"internal error: {type(exc).__name__}"}
                 self._queue(peer, protocol.error_response(rid, err))
             return
+        params = command.params()
+        if command.method == "trace.stop" and not self._release_trace(peer, params["name"]):
+            # Others still trace this relay: it stays on for them.
+            if not notification:
+                self._queue(peer, protocol.response(rid, {"name": params["name"], "tracing": True}))
+            return
         self.seq += 1
-        self.pending[self.seq] = (peer, rid, notification)
+        self.pending[self.seq] = Pending(peer, rid, notification, command.method, params)
         peer.inflight += 1
-        self._send_call(Call(self.seq, command.method, command.params(), peer.uid))
+        self._send_call(Call(self.seq, command.method, params, peer.uid))
+
+    def _release_trace(self, peer: Peer, name: str) -> bool:
+        """Drop ``peer``'s lease on tracing ``name``; True when nobody holds it any more."""
+        peer.traces.discard(name)
+        holders = self.tracers.get(name, set())
+        holders.discard(id(peer))
+        if holders:
+            return False
+        self.tracers.pop(name, None)
+        return True
 
     def _from_supervisor(self) -> None:
         try:
@@ -377,10 +414,19 @@ class ControlServer:
             return
         reply = expect(msg, Reply)
         entry = self.pending.pop(reply.seq, None)
-        if entry is None:
+        if entry is None or entry.peer is None:
             return
-        peer, rid, notification = entry
+        peer, rid, notification = entry.peer, entry.rid, entry.notification
         peer.inflight -= 1
+        if entry.method == "trace.start" and reply.error is None:
+            name = str(entry.params.get("name"))
+            if peer.sock.fileno() >= 0:
+                peer.traces.add(name)
+                self.tracers.setdefault(name, set()).add(id(peer))
+            elif name not in self.tracers:  # hung up while starting: stop it now
+                self.seq += 1
+                self.pending[self.seq] = Pending(None, None, True, "trace.stop")
+                self._send_call(Call(self.seq, "trace.stop", {"name": name}, peer.uid))
         if peer.sock.fileno() < 0:
             return
         peer.last_active = time.monotonic()

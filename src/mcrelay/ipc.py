@@ -93,7 +93,7 @@ class Channel:
         self._parts: list[bytes] = []
         self._fds: list[int] = []
         self._size = 0
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
 
     @staticmethod
     def pair(*, takes_fds: bool = True) -> tuple[Channel, Channel]:
@@ -108,6 +108,10 @@ class Channel:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        for _, held in self._outbox:
+            for fd in held:
+                os.close(fd)
+        self._outbox.clear()
 
     def send(self, msg: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send one message (blocking), file descriptors attached to its first frame."""
@@ -122,26 +126,43 @@ class Channel:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             self.sock.sendmsg([flag, chunk], anc)
 
-    def post(self, msg: Any) -> None:
-        """Queue a message (no descriptors) and send what the socket takes without blocking.
+    def post(self, msg: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue a message and send what the socket takes now, never blocking.
 
         For peers that must never stall each other: call :meth:`flush` when the
-        socket is writable again while :attr:`wants_write` is true.
+        socket is writable again while :attr:`wants_write` is true. Descriptors
+        are duplicated when queued (the caller may close its own at once) and
+        travel with the message's first frame.
         """
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"at most {MAX_FDS} descriptors per message")
         data = encode(msg)
         chunks = [data[i : i + FRAME] for i in range(0, len(data), FRAME)] or [b""]
+        held = [os.dup(fd) for fd in fds]
         for i, chunk in enumerate(chunks):
-            self._outbox.append((_LAST if i == len(chunks) - 1 else _MORE) + chunk)
+            flag = _LAST if i == len(chunks) - 1 else _MORE
+            self._outbox.append((flag + chunk, held if i == 0 else []))
         self.flush()
 
     def flush(self) -> None:
         """Send queued frames until the socket would block (raises OSError if the peer is gone)."""
         while self._outbox:
+            frame, fds = self._outbox[0]
+            anc = []
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             try:
-                self.sock.send(self._outbox[0], socket.MSG_DONTWAIT)
+                self.sock.sendmsg([frame], anc, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             self._outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting in the outbox (a peer that stopped reading lets this grow)."""
+        return len(self._outbox)
 
     @property
     def wants_write(self) -> bool:

@@ -9,7 +9,13 @@ A join is reference-counted (relays and explicit ``group join`` share it). The
 kernel allows ``net.ipv4.igmp_max_memberships`` (20 by default) groups per
 socket, so joins are spread over as many sockets as needed, never putting the
 same group on one socket twice (which also keeps ASM and SSM joins of one group
-apart). A join whose interface is missing waits and is made by :meth:`rejoin`.
+apart).
+
+Interfaces come and go: :meth:`Membership.reconcile` (called by the
+supervisor after every interface change and retried until it succeeds)
+makes every join match its interface's current index, whoever asked for the
+join, so a standing ``group join`` on a missing or flapping interface comes
+back as surely as a relay's.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcrelay.errors import KernelRefused
-from mcrelay.relay import bpf
-from mcrelay.relay.ingress import join as mcast_join
-from mcrelay.relay.ingress import leave as mcast_leave
+from mcrelay.model import GroupJoin
+from mcrelay.net import bpf
+from mcrelay.net.mcast import join as mcast_join
+from mcrelay.net.mcast import leave as mcast_leave
 
 GROUPS_PER_SOCKET = 20
 
@@ -88,6 +95,30 @@ class Membership:
     def refs(self, iface: str, group: str, source: str | None = None) -> int:
         j = self._joins.get((iface, group, source))
         return 0 if j is None else j.refs
+
+    def reconcile(self) -> None:
+        """Make every join match its interface now: joined on its current index, or waiting.
+
+        Raises KernelRefused (after trying every interface) if a join on a
+        present interface failed, so the caller retries later.
+        """
+        failed: list[str] = []
+        for iface in sorted({key[0] for key in self._joins}):
+            ifindex = self._ifindex_of(iface)
+            joins = [(key, j) for key, j in self._joins.items() if key[0] == iface]
+            if ifindex is None:
+                if any(j.sock is not None or j.error for _, j in joins):
+                    self.drop(iface)
+                continue
+            if any(j.ifindex not in (None, ifindex) for _, j in joins):
+                self.drop(iface)  # re-created under the same name: the old index is dead
+            for key, j in joins:
+                if j.sock is None:
+                    self._do_join(key, j, ifindex)
+                    if j.error is not None:
+                        failed.append(f"{key[1]} on {iface}: {j.error}")
+        if failed:
+            raise KernelRefused(f"join {'; '.join(failed)}", 0, "will retry")
 
     def rejoin(self, iface: str, ifindex: int) -> None:
         """The interface (re)appeared, possibly with a new index: join everything on it again."""
@@ -187,3 +218,19 @@ class Membership:
             s.close()
             raise
         return s
+
+
+class GroupJoins:
+    """`group join` rules on top of the shared membership sockets (the service's view)."""
+
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+
+    def join(self, join: GroupJoin) -> None:
+        self.membership.join(join.iface, join.group, join.source)
+
+    def leave(self, join: GroupJoin) -> None:
+        self.membership.leave(join.iface, join.group, join.source)
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.membership.list()

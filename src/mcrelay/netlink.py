@@ -1,13 +1,22 @@
-"""Interface watcher: the supervisor's view of links and addresses (pyroute2).
+"""Interface watcher: the supervisor's view of links and addresses.
 
-Engines ask :meth:`InterfaceTable.ifindex_of` whether an interface is usable
-(present and administratively up) and are told through a callback when one
-appears, vanishes, is renamed or comes back with a new index, so that rules
-naming it switch between ``active`` and ``waiting`` without being dropped.
+Level-triggered by design. A plain rtnetlink socket subscribed to link and
+address changes is only a *doorbell*: whatever it says, its bytes are drained
+and thrown away, and the table is re-read whole from the kernel with a
+pyroute2 dump. So an event that was lost (ENOBUFS after a burst), coalesced,
+or queued inside some pyroute2 version's own reader can never leave the table
+stale, and events are never applied late or out of order: the table is always
+what the kernel said last.
+
+Interfaces are identified by (name, ifindex): a link deleted and re-created
+under the same name, or renamed away and back, is a change even when it ends
+with the same name. :attr:`InterfaceTable.generation` counts changes so that
+engines can tell cheaply whether anything moved since they last converged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -15,17 +24,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_LINK,
-)
 
 IFF_UP = 0x1
+# <linux/rtnetlink.h> multicast groups (RTMGRP_*): the bitmask bind() takes.
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+NETLINK_ROUTE = 0
+DOORBELL_RCVBUF = 1 << 20
 
 log = logging.getLogger("mcrelay.netlink")
 
-Listener = Callable[[str, int | None], None]
+# Called with the names whose (ifindex, up) changed since the last call.
+Listener = Callable[[frozenset[str]], None]
 
 
 @dataclass
@@ -46,40 +57,61 @@ class Interface:
         }
 
 
-class InterfaceTable:
-    """Links and addresses of the daemon's network namespace, kept current by netlink."""
+Dump = Callable[[], tuple[list[Any], list[Any]]]
 
-    def __init__(self) -> None:
+
+def _pyroute2_dump(ipr: IPRoute) -> Dump:
+    def dump() -> tuple[list[Any], list[Any]]:
+        return list(ipr.get_links()), list(ipr.get_addr())
+
+    return dump
+
+
+class InterfaceTable:
+    """Links and addresses of the daemon's network namespace, re-read on every change.
+
+    ``dump`` (tests pass a fake) returns the kernel's link and address
+    messages; ``doorbell`` False skips the netlink subscription (unit tests).
+    """
+
+    def __init__(self, dump: Dump | None = None, *, doorbell: bool = True) -> None:
         self.by_index: dict[int, Interface] = {}
+        self._by_name: dict[str, Interface] = {}
         self.listeners: list[Listener] = []
-        self._events = IPRoute()
-        self._events.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-        self._dump()
+        self.generation = 0
+        self.stale = False
+        self._ipr: IPRoute | None = None
+        if dump is None:
+            self._ipr = IPRoute()
+            dump = _pyroute2_dump(self._ipr)
+        self._dump = dump
+        self._bell: socket.socket | None = None
+        if doorbell:
+            self._bell = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            self._bell.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DOORBELL_RCVBUF)
+            self._bell.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            self._bell.setblocking(False)
+        self.refresh(notify=False)
 
     def close(self) -> None:
-        self._events.close()
+        if self._bell is not None:
+            self._bell.close()
+        if self._ipr is not None:
+            self._ipr.close()
 
     def fileno(self) -> int:
-        return int(self._events.fileno())
-
-    def _dump(self) -> None:
-        with IPRoute() as ipr:
-            for msg in ipr.get_links():
-                self._link(msg, notify=False)
-            for msg in ipr.get_addr():
-                self._addr(msg)
+        assert self._bell is not None, "no doorbell socket"
+        return self._bell.fileno()
 
     # ------------------------------------------------------------ queries
 
     def ifindex_of(self, name: str) -> int | None:
         """The index of a present, administratively up interface, else None."""
-        for itf in self.by_index.values():
-            if itf.name == name:
-                return itf.ifindex if itf.up else None
-        return None
+        itf = self._by_name.get(name)
+        return itf.ifindex if itf is not None and itf.up else None
 
     def get(self, name: str) -> Interface | None:
-        return next((i for i in self.by_index.values() if i.name == name), None)
+        return self._by_name.get(name)
 
     def has_address(self, address: str) -> bool:
         return any(address in i.addresses for i in self.by_index.values())
@@ -90,67 +122,70 @@ class InterfaceTable:
     # ------------------------------------------------------------ events
 
     def handle_readable(self) -> None:
-        """Read pending netlink events and tell listeners what changed."""
-        try:
-            messages = self._events.get()
-        except OSError as exc:  # ENOBUFS: we lost events, so re-read everything
-            log.warning("netlink event queue overflowed (%s); re-reading interfaces", exc)
-            before = {i.name: i.ifindex if i.up else None for i in self.by_index.values()}
-            self.by_index.clear()
-            self._dump()
-            after = {i.name: i.ifindex if i.up else None for i in self.by_index.values()}
-            for name in set(before) | set(after):
-                if before.get(name) != after.get(name):
-                    self._notify(name, after.get(name))
-            return
-        for msg in messages:
-            event = msg.get("event")
-            if event in ("RTM_NEWLINK", "RTM_DELLINK"):
-                self._link(msg, notify=True)
-            elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
-                self._addr(msg)
-
-    def _link(self, msg: Any, *, notify: bool) -> None:
-        index = int(msg["index"])
-        name = msg.get_attr("IFLA_IFNAME")
-        old = self.by_index.get(index)
-        if msg["event"] == "RTM_DELLINK":
-            if old is not None:
-                del self.by_index[index]
-                if notify:
-                    self._notify(old.name, None)
-            return
-        if name is None:
-            return
-        up = bool(msg["flags"] & IFF_UP)
-        new = Interface(name, index, up, old.addresses if old else set())
-        self.by_index[index] = new
-        if not notify:
-            return
-        if old is not None and old.name != name:
-            log.info("interface %s renamed to %s", old.name, name)
-            self._notify(old.name, None)
-        if old is None or old.name != name or old.up != up:
-            self._notify(name, index if up else None)
-
-    def _addr(self, msg: Any) -> None:
-        itf = self.by_index.get(int(msg["index"]))
-        address = msg.get_attr("IFA_ADDRESS")
-        if itf is None or address is None:
-            return
-        if msg["event"] == "RTM_DELADDR":
-            itf.addresses.discard(address)
-        else:
-            itf.addresses.add(address)
-
-    def _notify(self, name: str, ifindex: int | None) -> None:
-        state = f"up (index {ifindex})" if ifindex is not None else "gone or down"
-        log.info("interface %s is %s", name, state)
-        for listener in self.listeners:
+        """Drain the doorbell; the table is re-read by :meth:`refresh` (see ``stale``)."""
+        assert self._bell is not None
+        while True:
             try:
-                listener(name, ifindex)
-            except Exception:
-                log.exception("interface listener failed for %s", name)
+                if not self._bell.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ENOBUFS: events were lost. Nothing to recover: we re-read everything.
+                if exc.errno != errno.ENOBUFS:
+                    log.warning("netlink doorbell: %s", exc)
+            self.stale = True
+
+    def refresh(self, *, notify: bool = True) -> frozenset[str]:
+        """Re-read links and addresses; tell listeners which names changed; return them."""
+        self.stale = False
+        links, addrs = self._dump()
+        by_index: dict[int, Interface] = {}
+        for msg in links:
+            name = msg.get_attr("IFLA_IFNAME")
+            if name is None:
+                continue
+            index = int(msg["index"])
+            by_index[index] = Interface(name, index, bool(msg["flags"] & IFF_UP))
+        for msg in addrs:
+            itf = by_index.get(int(msg["index"]))
+            address = msg.get_attr("IFA_ADDRESS")
+            if itf is not None and address is not None:
+                itf.addresses.add(address)
+        before = {i.name: (i.ifindex, i.up) for i in self.by_index.values()}
+        after = {i.name: (i.ifindex, i.up) for i in by_index.values()}
+        changed = frozenset(
+            n for n in before.keys() | after.keys() if before.get(n) != after.get(n)
+        )
+        addresses_moved = {i.ifindex: i.addresses for i in self.by_index.values()} != {
+            i.ifindex: i.addresses for i in by_index.values()
+        }
+        self.by_index = by_index
+        self._by_name = {i.name: i for i in by_index.values()}
+        if changed or addresses_moved:
+            self.generation += 1
+        if changed and notify:
+            for name in sorted(changed):
+                self._log_change(name, before.get(name), after.get(name))
+            for listener in self.listeners:
+                try:
+                    listener(changed)
+                except Exception:
+                    log.exception("interface listener failed")
+        return changed
+
+    @staticmethod
+    def _log_change(
+        name: str, before: tuple[int, bool] | None, after: tuple[int, bool] | None
+    ) -> None:
+        if after is None:
+            log.info("interface %s is gone", name)
+        elif before is not None and before[0] != after[0]:
+            log.info("interface %s has a new index %d (was %d)", name, after[0], before[0])
+        elif after[1]:
+            log.info("interface %s is up (index %d)", name, after[0])
+        else:
+            log.info("interface %s is down (index %d)", name, after[0])
 
 
 def rp_filter(ifname: str) -> int | None:

@@ -17,7 +17,9 @@ import errno
 import grp
 import os
 import pwd
+import signal
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
@@ -133,6 +135,23 @@ def drop_privileges(user: str) -> None:
     except OSError as e:
         raise PrivilegeDropFailed(f"cannot drop privileges to user {user!r}: {e}") from None
     _verify(user, uid, gid)
+
+
+def become_unprivileged(user: str) -> tuple[int, int]:
+    """What every child does once it holds its descriptors: drop to ``user`` for good.
+
+    As root this is :func:`drop_privileges`; a child started unprivileged
+    (tests, a non-root daemon) keeps its identity but still loses the way back
+    (PR_SET_NO_NEW_PRIVS). Either way the child then dies with its parent:
+    the parent-death signal is cleared by a credential change, so it is set
+    after. Returns the (uid, gid) the child now runs as.
+    """
+    if os.geteuid() == 0:
+        drop_privileges(user)
+    else:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.getuid(), os.getgid()
 
 
 def _verify(user: str, uid: int, gid: int) -> None:

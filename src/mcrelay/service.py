@@ -1,10 +1,11 @@
 """The rule service: executes validated commands against both engines and the state file.
 
-This is where "never lose a rule" is enforced. Every mutation is one
-transaction: the engines are changed first, then the state file is written;
-if any step fails, what was applied is undone in reverse order, so the kernel,
-the workers and the state file never disagree. Dry runs go through the same
-validation and planning and change nothing.
+This is where "never lose a rule" is enforced. Every mutation writes the new
+rules to the state file first (a change that cannot be persisted is refused
+before anything is touched), then applies them as one transaction; if a step
+fails, what was applied is undone in reverse order and the old rules are
+written back, so the kernel, the workers and the state file never disagree.
+Dry runs go through the same validation and planning and change nothing.
 """
 
 from __future__ import annotations
@@ -121,8 +122,30 @@ class RuleService:
         handler = getattr(self, "_" + cmd.method.replace(".", "_"))
         return handler(cmd)
 
-    def _commit(self, new: RuleSet) -> None:
-        self.store.save(new)  # StateWriteFailed propagates and rolls the engines back
+    def _persist_then(self, what: str, new: RuleSet, apply: Callable[[Transaction], None]) -> None:
+        """Write ``new`` to the state file, then apply it; a refusal changes nothing.
+
+        The state file is written *first*: a change that cannot be persisted
+        (disk full, read-only) is refused before the kernel or any worker is
+        touched, so it costs no packet and resets no counter. If applying then
+        fails, the engines are rolled back by ``apply``'s transaction and the
+        old rules are written back.
+        """
+        self.store.save(new)  # StateWriteFailed: refused, nothing touched
+        try:
+            with Transaction(what) as tx:
+                apply(tx)
+        except BaseException:
+            try:
+                self.store.save(self.rules)
+            except Exception as exc:
+                log.critical(
+                    "%s was refused by the kernel and the state file could not be restored "
+                    "(%s): it may hold a rule that is not installed",
+                    what,
+                    exc,
+                )
+            raise
         self.rules = new
 
     # ------------------------------------------------------------ routes
@@ -132,11 +155,15 @@ class RuleService:
         assert route is not None
         if any(r.key == route.key for r in self.rules.routes):
             raise RuleExists(str(route.key))
-        with Transaction(f"add {route.key}") as tx:
-            self.kernel.add_route(route, cmd.dry_run)
-            if not cmd.dry_run:
+        self.kernel.add_route(route, dry_run=True)  # refusals the plan can see: no state write
+        if not cmd.dry_run:
+
+            def apply(tx: Transaction) -> None:
+                self.kernel.add_route(route)
                 tx.on_failure("delete route", lambda: self.kernel.del_route(route.key))
-                self._commit(replace(self.rules, routes=(*self.rules.routes, route)))
+
+            new = replace(self.rules, routes=(*self.rules.routes, route))
+            self._persist_then(f"add {route.key}", new, apply)
         return {"route": route.to_dict(), "dry_run": cmd.dry_run}
 
     def _route_del(self, cmd: RouteKeyCommand) -> Any:
@@ -145,12 +172,15 @@ class RuleService:
         old = next((r for r in self.rules.routes if r.key == key), None)
         if old is None:
             raise NoSuchRule(str(key))
-        with Transaction(f"delete {key}") as tx:
-            self.kernel.del_route(key, cmd.dry_run)
-            if not cmd.dry_run:
+        self.kernel.del_route(key, dry_run=True)
+        if not cmd.dry_run:
+
+            def apply(tx: Transaction) -> None:
+                self.kernel.del_route(key)
                 tx.on_failure("re-add route", lambda: self.kernel.add_route(old))
-                rest = tuple(r for r in self.rules.routes if r.key != key)
-                self._commit(replace(self.rules, routes=rest))
+
+            rest = tuple(r for r in self.rules.routes if r.key != key)
+            self._persist_then(f"delete {key}", replace(self.rules, routes=rest), apply)
         return {"route": old.to_dict(), "dry_run": cmd.dry_run}
 
     def _route_list(self, cmd: Command) -> Any:
@@ -169,23 +199,30 @@ class RuleService:
                     f"relay input {relay.input.group}:{relay.input.port}@{relay.input.iif} "
                     f"(used by relay {r.name!r})"
                 )
-        with Transaction(f"add relay {relay.name}") as tx:
-            self.relay_engine.add(relay, cmd.dry_run)
-            if not cmd.dry_run:
+        self.relay_engine.add(relay, dry_run=True)
+        if not cmd.dry_run:
+
+            def apply(tx: Transaction) -> None:
+                self.relay_engine.add(relay)
                 tx.on_failure("delete relay", lambda: self.relay_engine.delete(relay.name))
-                self._commit(replace(self.rules, relays=(*self.rules.relays, relay)))
+
+            new = replace(self.rules, relays=(*self.rules.relays, relay))
+            self._persist_then(f"add relay {relay.name}", new, apply)
         return {"relay": relay.to_dict(), "dry_run": cmd.dry_run}
 
     def _relay_del(self, cmd: NameCommand) -> Any:
         old = next((r for r in self.rules.relays if r.name == cmd.name), None)
         if old is None:
             raise NoSuchRule(f"relay {cmd.name!r}")
-        with Transaction(f"delete relay {cmd.name}") as tx:
-            self.relay_engine.delete(cmd.name, cmd.dry_run)
-            if not cmd.dry_run:
+        self.relay_engine.delete(cmd.name, dry_run=True)
+        if not cmd.dry_run:
+
+            def apply(tx: Transaction) -> None:
+                self.relay_engine.delete(cmd.name)
                 tx.on_failure("re-add relay", lambda: self.relay_engine.add(old))
-                rest = tuple(r for r in self.rules.relays if r.name != cmd.name)
-                self._commit(replace(self.rules, relays=rest))
+
+            rest = tuple(r for r in self.rules.relays if r.name != cmd.name)
+            self._persist_then(f"delete relay {cmd.name}", replace(self.rules, relays=rest), apply)
         return {"relay": old.to_dict(), "dry_run": cmd.dry_run}
 
     def _relay_list(self, cmd: Command) -> Any:
@@ -202,10 +239,13 @@ class RuleService:
         if join in self.rules.groups:
             raise RuleExists(str(join))
         if not cmd.dry_run:
-            with Transaction(f"join {join}") as tx:
+
+            def apply(tx: Transaction) -> None:
                 self.groups.join(join)
                 tx.on_failure("leave", lambda: self.groups.leave(join))
-                self._commit(replace(self.rules, groups=(*self.rules.groups, join)))
+
+            new = replace(self.rules, groups=(*self.rules.groups, join))
+            self._persist_then(f"join {join}", new, apply)
         return {"group": join.to_dict(), "dry_run": cmd.dry_run}
 
     def _group_leave(self, cmd: GroupCommand) -> Any:
@@ -214,11 +254,13 @@ class RuleService:
         if join not in self.rules.groups:
             raise NoSuchRule(str(join))
         if not cmd.dry_run:
-            with Transaction(f"leave {join}") as tx:
+
+            def apply(tx: Transaction) -> None:
                 self.groups.leave(join)
                 tx.on_failure("re-join", lambda: self.groups.join(join))
-                rest = tuple(g for g in self.rules.groups if g != join)
-                self._commit(replace(self.rules, groups=rest))
+
+            rest = tuple(g for g in self.rules.groups if g != join)
+            self._persist_then(f"leave {join}", replace(self.rules, groups=rest), apply)
         return {"group": join.to_dict(), "dry_run": cmd.dry_run}
 
     def _group_list(self, cmd: Command) -> Any:
@@ -229,16 +271,20 @@ class RuleService:
     def _config_apply(self, cmd: ApplyCommand) -> Any:
         new, old = cmd.rules, self.rules
         dry = cmd.dry_run
-        with Transaction("apply") as tx:
-            route_diff = self.kernel.replace(new.routes, dry)
-            if not dry:
+        # Plan first (validates against the kernel's limits, gives the diff), touch nothing.
+        route_diff = self.kernel.replace(new.routes, True)
+        relay_diff = self.relay_engine.replace(new.relays, True)
+        group_diff = self._replace_groups(old.groups, new.groups, True, Transaction("plan"))
+        if not dry:
+
+            def apply(tx: Transaction) -> None:
+                self.kernel.replace(new.routes)
                 tx.on_failure("restore routes", lambda: self.kernel.replace(old.routes))
-            relay_diff = self.relay_engine.replace(new.relays, dry)
-            if not dry:
+                self.relay_engine.replace(new.relays)
                 tx.on_failure("restore relays", lambda: self.relay_engine.replace(old.relays))
-            group_diff = self._replace_groups(old.groups, new.groups, dry, tx)
-            if not dry:
-                self._commit(new)
+                self._replace_groups(old.groups, new.groups, False, tx)
+
+            self._persist_then("apply", new, apply)
         return {
             "diff": {
                 "routes": route_diff.to_dict(),
@@ -304,7 +350,9 @@ class RuleService:
             },
             "warnings": self.relay_engine.warnings(),
         }
-        status.update(self._status_extra())
+        extra = dict(self._status_extra())
+        status["warnings"] = [*extra.pop("warnings", []), *status["warnings"]]
+        status.update(extra)
         return status
 
     # ------------------------------------------------------------ tracing

@@ -18,10 +18,12 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, protocol
+from .children import Backoff, describe_status
 from .config import (
     Settings,
     admin_gid,
@@ -34,9 +36,9 @@ from .control_messages import Call, ControlSettings, Reply
 from .errors import INTERNAL_ERROR, McrelayError, StateFileError
 from .ipc import Channel, ProtocolViolation
 from .kernel.engine import KernelEngine
-from .membership import Membership
-from .model import GroupJoin
+from .membership import GroupJoins, Membership
 from .netlink import InterfaceTable
+from .reconcile import Reconciler
 from .relay.manager import RelayManager
 from .sdnotify import Notifier
 from .service import RuleService
@@ -45,10 +47,14 @@ from .stats import MetricsExporter
 
 log = logging.getLogger("mcrelay")
 
-BACKOFF_START = 0.1
-BACKOFF_CAP = 5.0
 TICK = 0.5
 METRICS_EVERY = 2.0
+# Listings of relay counters first pull fresh ones from the workers, without
+# ever blocking the loop: the call waits (parked) at most this long.
+REFRESH_TIMEOUT = 0.25
+FRESH_COUNTER_METHODS = frozenset({"relay.list", "stats.get"})
+
+Handler = Callable[[int, float], None]  # (selector event mask, now)
 
 
 class StartupError(Exception):
@@ -62,25 +68,18 @@ class ControlChild:
     proc: subprocess.Popen[bytes] | None = None
     channel: Channel | None = None
     restarts: int = 0
-    backoff: float = BACKOFF_START
+    backoff: Backoff = field(default_factory=Backoff)
     next_start: float = 0.0
     started: float = 0.0
 
 
-class GroupJoins:
-    """`group join` rules on top of the shared membership sockets."""
+@dataclass
+class ParkedCall:
+    """A listing waiting (without blocking anything) for the workers' fresh counters."""
 
-    def __init__(self, membership: Membership) -> None:
-        self.membership = membership
-
-    def join(self, join: GroupJoin) -> None:
-        self.membership.join(join.iface, join.group, join.source)
-
-    def leave(self, join: GroupJoin) -> None:
-        self.membership.leave(join.iface, join.group, join.source)
-
-    def list(self) -> list[dict[str, Any]]:
-        return self.membership.list()
+    call: Call
+    asked: dict[int, int]
+    deadline: float
 
 
 def bind_control_socket(path: str, gid: int) -> socket.socket:
@@ -136,6 +135,13 @@ class Supervisor:
         self._last_watchdog = 0.0
         self.metrics: MetricsExporter | None = None
         self._last_metrics = -METRICS_EVERY
+        self.interfaces: InterfaceTable | None = None
+        self.kernel: KernelEngine | None = None
+        self.membership: Membership | None = None
+        self.relays: RelayManager | None = None
+        self.reconciler = Reconciler([])
+        self._dynamic: dict[int, tuple[int, Handler]] = {}  # worker channels in the selector
+        self._parked: list[ParkedCall] = []
 
     # ------------------------------------------------------------ start-up
 
@@ -147,69 +153,75 @@ class Supervisor:
             log.critical("refusing to start; the state file was left as it is")
             return 1
         self._install_signals()
-        self.interfaces = InterfaceTable()
-        self.kernel = KernelEngine(
-            self.interfaces.ifindex_of, learned_expiry=self.settings.learned_expiry
+        try:
+            return self._run(rules)
+        finally:
+            self._shutdown()
+
+    def _run(self, rules: Any) -> int:
+        interfaces = self.interfaces = InterfaceTable()
+        kernel = self.kernel = KernelEngine(
+            interfaces.ifindex_of, learned_expiry=self.settings.learned_expiry
         )
         try:
-            self.kernel.open()
+            kernel.open()
         except McrelayError as exc:
             log.critical("cannot open the kernel multicast routing sockets: %s", exc)
             log.critical("is another multicast routing daemon (smcroute, pimd) running here?")
             return 1
-        self.membership = Membership(
-            self.interfaces.ifindex_of, logging.getLogger("mcrelay.membership")
+        membership = self.membership = Membership(
+            interfaces.ifindex_of, logging.getLogger("mcrelay.membership")
         )
-        self.relays = RelayManager(
+        relays = self.relays = RelayManager(
             workers=self.settings.workers,
             user=self.settings.user,
-            ifindex_of=self.interfaces.ifindex_of,
-            membership=self.membership,
+            ifindex_of=interfaces.ifindex_of,
+            membership=membership,
             log=logging.getLogger("mcrelay.relay"),
         )
-        self.interfaces.listeners += [
-            self.kernel.interface_changed,
-            self.relays.interface_changed,  # also drops/rejoins the memberships
-        ]
+        # Each engine converges on its own; memberships first so that a relay
+        # input's group is joined by the time its socket opens.
+        self.reconciler = Reconciler(
+            [
+                ("group memberships", membership.reconcile),
+                ("kernel routes", kernel.reconcile),
+                ("relays", relays.reconcile),
+            ]
+        )
         self.service = RuleService(
-            self.kernel,
-            self.relays,
-            GroupJoins(self.membership),
+            kernel,
+            relays,
+            GroupJoins(membership),
             self.store,
             status_extra=self._status_extra,
             interfaces=self._interface_list,
         )
+        relays.start()
         try:
-            self.relays.start()
-            try:
-                self.service.restore(rules)
-            except McrelayError as exc:
-                log.critical(
-                    "cannot re-apply the saved rules from %s: %s", self.settings.state, exc
-                )
-                log.critical("refusing to start; the state file was left as it is")
-                return 1
-            try:
-                self.listener = self._open_listener()
-            except (StartupError, OSError) as exc:
-                log.critical("cannot serve the control socket: %s", exc)
-                return 1
-            self._start_control(time.monotonic())
-            self._start_metrics()
-            self._register()
-            self.notifier.ready()
-            self._status_line()
-            log.info(
-                "mcrelayd %s ready on %s (%d worker(s), state %s)",
-                __version__,
-                self.settings.socket,
-                self.settings.workers,
-                self.settings.state,
-            )
-            self._loop()
-            return 0
-        finally:
-            self._shutdown()
+            self.service.restore(rules)
+        except McrelayError as exc:
+            log.critical("cannot re-apply the saved rules from %s: %s", self.settings.state, exc)
+            log.critical("refusing to start; the state file was left as it is")
+            return 1
+        try:
+            self.listener = self._open_listener()
+        except (StartupError, OSError) as exc:
+            log.critical("cannot serve the control socket: %s", exc)
+            return 1
+        self._start_control(time.monotonic())
+        self._start_metrics()
+        self._register()
+        self.notifier.ready()
+        self._status_line()
+        log.info(
+            "mcrelayd %s ready on %s (%d worker(s), state %s)",
+            __version__,
+            self.settings.socket,
+            self.settings.workers,
+            self.settings.state,
+        )
+        self._loop()
+        return 0
 
     def _start_metrics(self) -> None:
         address = self.settings.metrics_address
@@ -270,31 +282,51 @@ class Supervisor:
         self.reload_requested = True
 
     def _register(self) -> None:
-        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self.sel.register(self.interfaces.fileno(), selectors.EVENT_READ, ("netlink", None))
-        for fd in self.kernel.fds():
-            self.sel.register(fd, selectors.EVENT_READ, ("kernel", fd))
+        """The descriptors that live as long as the daemon, each with its handler."""
+        assert self.interfaces is not None and self.kernel is not None
+        interfaces, kernel = self.interfaces, self.kernel
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.sel.register(
+            interfaces.fileno(),
+            selectors.EVENT_READ,
+            lambda mask, now: interfaces.handle_readable(),
+        )
+        for fd in kernel.fds():
+            self.sel.register(
+                fd, selectors.EVENT_READ, lambda mask, now, fd=fd: kernel.handle_readable(fd, now)
+            )
+
+    def _on_wake(self, mask: int, now: float) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
 
     # ------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        assert self.interfaces is not None
         next_tick = 0.0
         while not self.stopping:
-            self._sync_relay_fds()
+            self._sync_watches()
             now = time.monotonic()
-            timeout = max(0.0, min(TICK, next_tick - now))
+            timeout = max(0.0, min(next_tick, self._next_due(now)) - now)
             try:
                 events = self.sel.select(timeout)
             except InterruptedError:
                 events = []
             now = time.monotonic()
             for key, mask in events:
-                kind, arg = key.data
                 try:
-                    self._dispatch(kind, arg, now, mask)
+                    key.data(mask, now)
                 except Exception:
-                    log.exception("error handling %s event", kind)
+                    log.exception("error handling an event on fd %d", key.fd)
+            if self.interfaces.stale:
+                try:
+                    self.interfaces.refresh()
+                except Exception as exc:  # netlink itself failing: try again next round
+                    log.warning("cannot re-read interfaces: %s", exc)
+            self.reconciler.run(now, self.interfaces.generation)
             self._reap()
+            self._answer_parked(now)
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
@@ -302,31 +334,30 @@ class Supervisor:
                 next_tick = now + TICK
                 self._tick(now)
 
-    def _dispatch(self, kind: str, arg: Any, now: float, mask: int) -> None:
-        if kind == "wake":
-            with contextlib.suppress(BlockingIOError):
-                self._wake_r.recv(4096)
-        elif kind == "netlink":
-            self.interfaces.handle_readable()
-        elif kind == "kernel":
-            self.kernel.handle_readable(arg, now)
-        elif kind == "control":
-            if mask & selectors.EVENT_WRITE:
-                self._flush_control()
-            if mask & selectors.EVENT_READ:
-                self._from_control()
-        elif kind == "relay":
-            self.relays.handle_readable(arg, now)
+    def _next_due(self, now: float) -> float:
+        due = [p.retry_at for p in self.reconciler.parts if p.failing is not None]
+        due += [p.deadline for p in self._parked]
+        return min(due, default=now + TICK)
 
-    def _sync_relay_fds(self) -> None:
-        wanted = set(self.relays.fds())
-        registered = {k.fd for k in self.sel.get_map().values() if k.data[0] == "relay"}
-        for fd in registered - wanted:
-            self.sel.unregister(fd)
-        for fd in wanted - registered:
-            self.sel.register(fd, selectors.EVENT_READ, ("relay", fd))
+    def _sync_watches(self) -> None:
+        """Keep the selector level with the worker channels (restarts replace them)."""
+        assert self.relays is not None
+        wanted = self.relays.watches()
+        for fd, (_, handler) in list(self._dynamic.items()):
+            if wanted.get(fd, (None, None))[1] is not handler:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.sel.unregister(fd)
+                del self._dynamic[fd]
+        for fd, (events, handler) in wanted.items():
+            have = self._dynamic.get(fd)
+            if have is None:
+                self.sel.register(fd, events, handler)
+            elif have[0] != events:
+                self.sel.modify(fd, events, handler)
+            self._dynamic[fd] = (events, handler)
 
     def _tick(self, now: float) -> None:
+        assert self.kernel is not None and self.relays is not None
         try:
             self.kernel.expire(now)
         except Exception:
@@ -344,6 +375,7 @@ class Supervisor:
             self.notifier.watchdog()
 
     def _reap(self) -> None:
+        assert self.relays is not None
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -384,12 +416,19 @@ class Supervisor:
         ours.send(self._control_settings())
         self.control.proc, self.control.channel = proc, ours
         self.control.started = now
-        self.sel.register(ours.sock, selectors.EVENT_READ, ("control", None))
+        self.sel.register(ours.sock, selectors.EVENT_READ, self._on_control)
         log.debug("control process started (pid %d)", proc.pid)
 
-    def _schedule_control(self, now: float) -> None:
-        self.control.next_start = now + self.control.backoff
-        self.control.backoff = min(BACKOFF_CAP, self.control.backoff * 2)
+    def _schedule_control(self, now: float, ran_for: float = 0.0) -> float:
+        delay = self.control.backoff.next_delay(ran_for)
+        self.control.next_start = now + delay
+        return delay
+
+    def _on_control(self, mask: int, now: float) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush_control()
+        if mask & selectors.EVENT_READ:
+            self._from_control(now)
 
     def _control_exited(self, status: int) -> None:
         now = time.monotonic()
@@ -401,20 +440,21 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(chan.sock)
             chan.close()
+        self._parked.clear()  # their connections went with the control process
+        if self.relays is not None:
+            self.relays.trace_stop_all()  # no client can be reading a trace any more
         if self.stopping:
             return
-        if now - self.control.started > 10:
-            self.control.backoff = BACKOFF_START
         self.control.restarts += 1
+        delay = self._schedule_control(now, now - self.control.started)
         log.warning(
             "control process exited (%s); restarting in %.1fs (restart #%d)",
-            _describe_status(status),
-            self.control.backoff,
+            describe_status(status),
+            delay,
             self.control.restarts,
         )
-        self._schedule_control(now)
 
-    def _from_control(self) -> None:
+    def _from_control(self, now: float) -> None:
         chan = self.control.channel
         if chan is None:
             return
@@ -436,13 +476,36 @@ class Supervisor:
         if not isinstance(msg, Call):
             log.warning("unexpected message from control: %s", type(msg).__name__)
             return
+        if msg.method in FRESH_COUNTER_METHODS and self.relays is not None:
+            asked = self.relays.request_stats(now)
+            if not self.relays.stats_answered(asked):
+                self._parked.append(ParkedCall(msg, asked, now + REFRESH_TIMEOUT))
+                return
+        self._reply(self._execute(msg))
+
+    def _reply(self, reply: Reply) -> None:
         # Never block on the control process: a stuck control child must not
         # stall kernel upcalls, netlink or the workers.
+        chan = self.control.channel
+        if chan is None:
+            return
         try:
-            chan.post(self._execute(msg))
+            chan.post(reply)
         except OSError as exc:
             log.warning("control channel: %s", exc)
         self._watch_control()
+
+    def _answer_parked(self, now: float) -> None:
+        if not self._parked:
+            return
+        assert self.relays is not None
+        waiting = []
+        for parked in self._parked:
+            if now >= parked.deadline or self.relays.stats_answered(parked.asked):
+                self._reply(self._execute(parked.call))
+            else:
+                waiting.append(parked)
+        self._parked = waiting
 
     def _flush_control(self) -> None:
         chan = self.control.channel
@@ -460,7 +523,7 @@ class Supervisor:
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if chan.wants_write else 0)
         with contextlib.suppress(KeyError, ValueError):
-            self.sel.modify(chan.sock, events, ("control", None))
+            self.sel.modify(chan.sock, events, self._on_control)
 
     def _execute(self, call: Call) -> Reply:
         try:
@@ -482,14 +545,18 @@ class Supervisor:
     # ------------------------------------------------------------ status & reload
 
     def _status_extra(self) -> dict[str, Any]:
+        assert self.kernel is not None
+        families = self.kernel.families()
         return {
             "socket": self.settings.socket,
             "state_file": self.settings.state,
-            "kernel": {"ipv4": 4 in self.kernel.families(), "ipv6": 6 in self.kernel.families()},
+            "kernel": {"ipv4": 4 in families, "ipv6": 6 in families},
             "control_restarts": self.control.restarts,
+            "warnings": self.reconciler.warnings(),
         }
 
     def _interface_list(self) -> list[dict[str, Any]]:
+        assert self.kernel is not None and self.interfaces is not None
         out = []
         for itf in self.interfaces.all():
             d = itf.to_dict()
@@ -518,7 +585,8 @@ class Supervisor:
         if needs:
             log.warning("SIGHUP: %s change(s) need a restart to take effect", ", ".join(needs))
         logging.getLogger().setLevel(new.log_level.upper())
-        self.kernel.learned_expiry = new.learned_expiry
+        if self.kernel is not None:
+            self.kernel.learned_expiry = new.learned_expiry
         self.settings = apply_reload(self.settings, new)
         if self.control.channel is not None:
             self.control.channel.post(self._control_settings())
@@ -536,17 +604,20 @@ class Supervisor:
                 self.control.proc.terminate()
             with contextlib.suppress(Exception):
                 self.control.proc.wait(timeout=2)
-        if hasattr(self, "relays"):
+        if self.relays is not None:
             with contextlib.suppress(Exception):
                 self.relays.stop()
-        if hasattr(self, "kernel"):
+        if self.kernel is not None:
             try:
                 self.kernel.close()
             except Exception:
                 log.exception("removing kernel routes failed")
-        if hasattr(self, "membership"):
+        if self.membership is not None:
             with contextlib.suppress(Exception):
                 self.membership.close()
+        if self.interfaces is not None:
+            with contextlib.suppress(Exception):
+                self.interfaces.close()
         if self.listener is not None:
             self.listener.close()
             with contextlib.suppress(OSError):
@@ -556,10 +627,3 @@ class Supervisor:
 def _brief(params: dict[str, Any]) -> str:
     text = str({k: v for k, v in params.items() if k != "rules"})
     return text if len(text) < 200 else text[:197] + "..."
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"

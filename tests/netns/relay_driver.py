@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -53,13 +54,7 @@ def serve(workers: int, user: str) -> int:
     buf = b""
     try:
         while True:
-            fds = [stdin, *mgr.fds()]
-            ready, _, _ = select.select(fds, [], [], 0.05)
-            now = time.monotonic()
-            for fd in ready:
-                if fd != stdin:
-                    mgr.handle_readable(fd, now)
-                    continue
+            for _ in _poll(mgr, [stdin], 0.05):
                 chunk = os.read(stdin, 65536)
                 if not chunk:
                     return 0
@@ -90,6 +85,35 @@ def serve(workers: int, user: str) -> int:
         memb.close()
 
 
+def _poll(mgr: Any, extra: list[int], timeout: float) -> list[int]:
+    """One round of the supervisor's job: worker channels handled; ready ``extra`` fds returned."""
+    watches = mgr.watches()
+    sel = selectors.DefaultSelector()
+    try:
+        for fd in extra:
+            sel.register(fd, selectors.EVENT_READ, None)
+        for fd, (events, handler) in watches.items():
+            sel.register(fd, events, handler)
+        ready = []
+        now = time.monotonic()
+        for key, mask in sel.select(timeout):
+            if key.data is None:
+                ready.append(key.fd)
+            else:
+                key.data(mask, now)
+        return ready
+    finally:
+        sel.close()
+
+
+def _fresh_counters(mgr: Any) -> None:
+    """What the supervisor does before a listing: pull counters, wait (boundedly) for them."""
+    asked = mgr.request_stats(time.monotonic())
+    deadline = time.monotonic() + 0.5
+    while not mgr.stats_answered(asked) and time.monotonic() < deadline:
+        _poll(mgr, [], 0.02)
+
+
 def _command(mgr: Any, memb: Any, cmd: dict[str, Any], parse_relay: Any) -> Any:
     op = cmd["op"]
     if op == "add":
@@ -101,6 +125,7 @@ def _command(mgr: Any, memb: Any, cmd: dict[str, Any], parse_relay: Any) -> Any:
     if op == "replace":
         return mgr.replace([parse_relay(r) for r in cmd["relays"]], cmd.get("dry_run", False))
     if op == "relays":
+        _fresh_counters(mgr)
         return mgr.relays()
     if op == "workers":
         return mgr.workers()
@@ -114,7 +139,8 @@ def _command(mgr: Any, memb: Any, cmd: dict[str, Any], parse_relay: Any) -> Any:
             os.kill(pid, signal.SIGKILL)
         return pids
     if op == "iface":
-        mgr.interface_changed(cmd["name"], _ifindex(cmd["name"]))
+        memb.reconcile()
+        mgr.reconcile()
         return None
     if op == "trace_start":
         mgr.trace_start(cmd["name"])

@@ -8,7 +8,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcrelay.relay import bpf
+from mcrelay.net import bpf
 
 
 def v4(dst: str, dport: int, *, frag: int = 0, proto: int = 17, ihl: int = 5) -> bytes:

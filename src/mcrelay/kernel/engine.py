@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,13 @@ SocketFactory = Callable[[int], MrouteApi]
 _ALREADY_GONE = frozenset({errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
 
 MfcKey = tuple[int, str, str]  # (family, source, group)
+
+# The kernel sends one NOCACHE upcall per new (S,G), then queues the packets in
+# an unresolved entry for 10 s without asking again. An upcall no route wanted
+# is remembered this long, so a (*,G) route added while its stream already
+# flows installs the source at once instead of after the kernel gives up.
+RECENT_UPCALL_TTL = 12.0
+RECENT_UPCALL_MAX = 4096
 
 
 def _canon(addr: str) -> str:
@@ -221,6 +229,8 @@ class KernelEngine:
         self._learned: dict[RouteKey, dict[str, _Learned]] = {}
         self._k = _KernelState({4: VifTable(4), 6: VifTable(6)})
         self._dirty = False
+        # (family, source, group) -> (input VIF slot, when) of unwanted NOCACHE upcalls.
+        self._recent: dict[MfcKey, tuple[int, float]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -353,6 +363,21 @@ class KernelEngine:
         if self._opened:
             self.resync()
 
+    def reconcile(self) -> None:
+        """Converge on the interfaces as the resolver sees them now (level-triggered).
+
+        Cheap when nothing moved: the kernel is only touched if an interface a
+        route names changed index or presence, or an earlier rebuild failed.
+        Raises KernelRefused if the kernel refuses; the caller retries.
+        """
+        names = {n for r in self._routes.values() for n in _names(r)}
+        fresh = {n: self._resolve(n) for n in names}
+        if fresh == self._ifindex and not self._dirty:
+            return
+        self._ifindex = fresh
+        if self._opened:
+            self.resync()
+
     @property
     def needs_resync(self) -> bool:
         """True after an interface change could not be applied (see :meth:`resync`)."""
@@ -388,26 +413,61 @@ class KernelEngine:
             return
         group, source = _canon(up.group), _canon(up.source)
         key = RouteKey(vif.name, None, group)
+        mkey: MfcKey = (up.family, source, group)
         route = self._routes.get(key)
         if route is None or key not in self._k.active:
             log.debug("no active (*,G) route for %s", up)
+            self._remember(mkey, up.vif, now)
             return
-        mkey: MfcKey = (up.family, source, group)
+        self._learn(route, mkey, now)
+
+    def _learn(self, route: Route, mkey: MfcKey, now: float) -> None:
+        family, source, group = mkey
         if mkey in self._k.mfc:
             return
-        spec = self._spec(route, self._k.vifs[up.family])
+        spec = self._spec(route, self._k.vifs[family])
         if spec is None:
             return
-        sock = self._socks[up.family]
         try:
-            sock.add_mfc(source, group, spec.parent, spec.ttls())
+            self._socks[family].add_mfc(source, group, spec.parent, spec.ttls())
         except KernelRefused as exc:
-            log.warning("could not install learned (%s, %s) for %s: %s", source, group, key, exc)
+            log.warning(
+                "could not install learned (%s, %s) for %s: %s", source, group, route.key, exc
+            )
             return
         self._k.mfc[mkey] = spec
-        self._k.owner[mkey] = key
-        self._learned.setdefault(key, {})[source] = _Learned(last_active=now)
-        log.info("learned source %s for %s", source, key)
+        self._k.owner[mkey] = route.key
+        self._learned.setdefault(route.key, {})[source] = _Learned(last_active=now)
+        self._recent.pop(mkey, None)
+        log.info("learned source %s for %s", source, route.key)
+
+    def _remember(self, mkey: MfcKey, vif: int, now: float) -> None:
+        if len(self._recent) >= RECENT_UPCALL_MAX:
+            self._forget_old(now)
+            if len(self._recent) >= RECENT_UPCALL_MAX:
+                self._recent.pop(next(iter(self._recent)))
+        self._recent[mkey] = (vif, now)
+
+    def _forget_old(self, now: float) -> None:
+        for mkey, (_, seen) in list(self._recent.items()):
+            if now - seen > RECENT_UPCALL_TTL:
+                del self._recent[mkey]
+
+    def _adopt_recent(self) -> None:
+        """Install sources whose packets the kernel holds for newly active (*,G) routes."""
+        if not self._recent:
+            return
+        now = time.monotonic()
+        self._forget_old(now)
+        for mkey, (vif_slot, _) in list(self._recent.items()):
+            family, _, group = mkey
+            vif = self._k.vifs[family].by_slot(vif_slot)
+            if vif is None:
+                continue
+            key = RouteKey(vif.name, None, group)
+            route = self._routes.get(key)
+            if route is not None and key in self._k.active:
+                self._learn(route, mkey, now)
 
     def expire(self, now: float) -> list[tuple[RouteKey, str]]:
         """Remove learned (S,G) entries whose packet counter stood still too long.
@@ -567,6 +627,7 @@ class KernelEngine:
         self._ifindex = {n: i for n, i in self._ifindex.items() if n in referenced}
         if steps:
             log.debug("applied %d kernel step(s): %s", len(steps), "; ".join(map(str, steps)))
+        self._adopt_recent()
         return steps
 
     # ------------------------------------------------------------ steps

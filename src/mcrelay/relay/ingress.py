@@ -21,7 +21,8 @@ import os
 import socket
 import struct
 
-from mcrelay.relay import bpf
+from mcrelay.net import bpf
+from mcrelay.net.mcast import join
 
 SOL_PACKET = 263
 PACKET_FANOUT = 18
@@ -36,10 +37,6 @@ SO_BINDTODEVICE = 25
 IP_ADD_MEMBERSHIP = 35
 IP_MULTICAST_ALL = 49
 IPV6_MULTICAST_ALL = 29
-MCAST_JOIN_GROUP = 42
-MCAST_JOIN_SOURCE_GROUP = 46
-MCAST_LEAVE_GROUP = 45
-MCAST_LEAVE_SOURCE_GROUP = 47
 
 INGRESS_RCVBUF = 8 * 1024 * 1024
 
@@ -92,40 +89,6 @@ def packet_stats(sock: socket.socket) -> tuple[int, int]:
     raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)  # struct tpacket_stats
     packets, drops = struct.unpack("=II", raw)
     return packets, drops
-
-
-def group_req(family: int, ifindex: int, group: str, source: str | None) -> bytes:
-    """struct group_req / group_source_req: u32 index, then sockaddr_storage(s) (128 bytes)."""
-
-    def storage(addr: str) -> bytes:
-        if family == 4:
-            sa = struct.pack("=H", socket.AF_INET) + bytes(2) + socket.inet_aton(addr)
-        else:
-            sa = struct.pack("=H", socket.AF_INET6) + bytes(6)
-            sa += socket.inet_pton(socket.AF_INET6, addr) + bytes(4)
-        return sa + bytes(128 - len(sa))
-
-    # sockaddr_storage is 8-byte aligned, so 4 bytes of padding follow the index.
-    head = struct.pack("=I", ifindex) + bytes(4)
-    return head + storage(group) + (storage(source) if source else b"")
-
-
-def join(
-    sock: socket.socket, family: int, ifindex: int, group: str, source: str | None = None
-) -> None:
-    """Join ``group`` (from ``source`` when given) on ``ifindex`` with MCAST_JOIN_*."""
-    level = socket.IPPROTO_IP if family == 4 else socket.IPPROTO_IPV6
-    opt = MCAST_JOIN_SOURCE_GROUP if source else MCAST_JOIN_GROUP
-    sock.setsockopt(level, opt, group_req(family, ifindex, group, source))
-
-
-def leave(
-    sock: socket.socket, family: int, ifindex: int, group: str, source: str | None = None
-) -> None:
-    """Undo :func:`join`."""
-    level = socket.IPPROTO_IP if family == 4 else socket.IPPROTO_IPV6
-    opt = MCAST_LEAVE_SOURCE_GROUP if source else MCAST_LEAVE_GROUP
-    sock.setsockopt(level, opt, group_req(family, ifindex, group, source))
 
 
 def open_udp_input(

@@ -16,7 +16,6 @@ import errno
 import gc
 import logging
 import os
-import pwd
 import resource
 import select
 import signal
@@ -27,6 +26,7 @@ import time
 from typing import Any
 
 from mcrelay.ipc import Channel, Ping, Pong
+from mcrelay.privileges import become_unprivileged
 from mcrelay.relay import messages as m
 from mcrelay.relay import table as tbl
 from mcrelay.relay.egress import Dest, EgressKey, open_egress
@@ -34,9 +34,6 @@ from mcrelay.relay.hotpath import HotPath, Ingress
 from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
 from mcrelay.relay.qos import Backlog, Output, SendQueue
 from mcrelay.relay.trace import WORKER_RING, Ring, record
-
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
 
 VLEN = 64  # messages per recvmmsg/sendmmsg
 SLOT = 65536  # bytes per receive slot
@@ -54,26 +51,6 @@ class _Ingress(Ingress):
         super().__init__(spec.kind, spec.family, sock.fileno())
         self.spec = spec
         self.sock = sock
-
-
-def drop_privileges(user: str) -> tuple[int, int]:
-    """setgroups([]), setgid, setuid to ``user``, then PR_SET_NO_NEW_PRIVS.
-
-    A worker not started as root keeps its (already unprivileged) identity.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(user)
-        os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        if pw.pw_uid != 0 and (os.getuid() == 0 or os.geteuid() == 0):
-            raise RuntimeError("privileges were not dropped")
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    # The parent-death signal is cleared by a credential change, so set it after.
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    return os.getuid(), os.getgid()
 
 
 class Worker(HotPath):
@@ -282,7 +259,7 @@ class Worker(HotPath):
                 break
             if not self.handle(msg, fds):
                 return 0
-        uid, gid = drop_privileges(self.user)
+        uid, gid = become_unprivileged(self.user)
         try:
             cpus = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cpus[self.index % len(cpus)]})

@@ -1,0 +1,1 @@
+"""Socket primitives shared by the supervisor's membership and the relay engine."""
