@@ -16,6 +16,16 @@ says how to start the daemon.
 The connection is opened on the first call and reused; if the daemon closed an
 idle connection in between, the next call quietly opens a new one (nothing had
 been sent on the old one, so nothing can be applied twice).
+
+``timeout`` bounds connecting and, by default, each reply. A daemon that is
+busy (a large ``apply``) is not gone: with ``wait_while_connected=True`` a
+reply slower than ``timeout`` is waited for as long as the connection lives,
+and ``on_wait(seconds)`` is called every ``timeout`` seconds so a person can be
+told; only a failed connect or a dropped connection is ``DaemonUnreachable``.
+
+The exchange is logged at DEBUG on logger ``mcrelay.client``. The module does
+not import :mod:`logging` itself (it costs a short-lived CLI call more than the
+call's own work): if nothing else imported it, no handler can be listening.
 """
 
 from __future__ import annotations
@@ -23,12 +33,12 @@ from __future__ import annotations
 import errno
 import itertools
 import json
-import logging
 import os
 import select
 import socket
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -47,9 +57,16 @@ DEFAULT_SOCKET = "/run/mcrelay/mcrelay.sock"
 SOCKET_ENV = "MCRELAY_SOCKET"
 MAX_REPLY = 256 * 1024 * 1024  # a 20,000-relay listing is a few tens of MiB at most
 
-log = logging.getLogger("mcrelay.client")
+LOGGER = "mcrelay.client"
 
 JSONObject = dict[str, Any]
+
+
+def _debug(fmt: str, *args: Any) -> None:
+    """Log at DEBUG on ``mcrelay.client`` if :mod:`logging` is in use in this process at all."""
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        logging.getLogger(LOGGER).debug(fmt, *args)
 
 
 def default_socket_path() -> str:
@@ -117,12 +134,23 @@ class Client:
     """A connection to mcrelayd's control socket (JSON-RPC 2.0, newline-delimited).
 
     ``socket_path`` defaults to ``$MCRELAY_SOCKET`` or ``/run/mcrelay/mcrelay.sock``;
-    ``timeout`` bounds connecting and waiting for each reply, in seconds.
+    ``timeout`` bounds connecting and waiting for each reply, in seconds. With
+    ``wait_while_connected`` a slower reply is awaited as long as the connection
+    is open (``on_wait(seconds waited)`` every ``timeout`` seconds meanwhile).
     """
 
-    def __init__(self, socket_path: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        timeout: float = 10.0,
+        *,
+        wait_while_connected: bool = False,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
+        self.wait_while_connected = wait_while_connected
+        self.on_wait = on_wait
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._ids = itertools.count(1)
@@ -190,7 +218,7 @@ class Client:
             msg["params"] = dict(params)
         line = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         sock = self._connect()
-        log.debug("> %s", line.decode().rstrip())
+        _debug("> %s", line.decode().rstrip())
         try:
             sock.sendall(line)
         except OSError as exc:
@@ -211,10 +239,10 @@ class Client:
         return reply["result"]
 
     def _read_reply(self, sock: socket.socket, rid: int) -> JSONObject:
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
         while True:
-            line = self._read_line(sock, deadline)
-            log.debug("< %s", line.decode(errors="replace").rstrip())
+            line = self._read_line(sock, started)
+            _debug("< %s", line.decode(errors="replace").rstrip())
             try:
                 reply = json.loads(line)
             except ValueError as exc:
@@ -231,7 +259,9 @@ class Client:
                 return reply
             # Anything else (a stale reply, a notification) is not ours: skip it.
 
-    def _read_line(self, sock: socket.socket, deadline: float) -> bytes:
+    def _read_line(self, sock: socket.socket, started: float) -> bytes:
+        """The next line from the daemon; waits in steps of ``timeout`` (see :meth:`_recv`)."""
+        deadline = started + self.timeout
         while True:
             end = self._buf.find(b"\n")
             if end >= 0:
@@ -241,19 +271,39 @@ class Client:
             if len(self._buf) > MAX_REPLY:
                 self.close()
                 raise ProtocolError(f"reply from mcrelayd longer than {MAX_REPLY} bytes")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._unreachable(f"no reply within {self.timeout:g} s")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(1 << 16)
-            except TimeoutError:
-                raise self._unreachable(f"no reply within {self.timeout:g} s") from None
-            except OSError as exc:
-                raise self._unreachable(_reason(exc)) from None
-            if not chunk:
-                raise self._unreachable("connection closed by the daemon before it replied")
+            chunk = self._recv(sock, deadline)
+            if chunk is None:  # a whole step without a byte, on a live connection
+                self._still_waiting(time.monotonic() - started)
+                deadline = time.monotonic() + self.timeout
+                continue
             self._buf += chunk
+
+    def _recv(self, sock: socket.socket, deadline: float) -> bytes | None:
+        """Bytes from the daemon, or None when ``deadline`` passed without any.
+
+        A closed or reset connection is the daemon gone (unreachable); silence
+        is not, so it is left to :meth:`_still_waiting` to decide.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise self._unreachable(_reason(exc)) from None
+        if not chunk:
+            raise self._unreachable("connection closed by the daemon before it replied")
+        return chunk
+
+    def _still_waiting(self, waited: float) -> None:
+        """No reply yet after ``waited`` s: give up, unless told to wait while connected."""
+        if not self.wait_while_connected:
+            raise self._unreachable(f"no reply within {self.timeout:g} s")
+        if self.on_wait is not None:
+            self.on_wait(waited)
 
     # ------------------------------------------------------------ kernel routes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class FakeDaemon:
         self.raw: Callable[[dict[str, Any]], bytes | None] | None = None
         self.connections = 0
         self.close_after_reply = False  # like the daemon's idle timeout, at once
+        self.delays: dict[str, float] = {}  # method -> seconds to work before replying
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.path)
         self._server.listen(8)
@@ -93,7 +95,12 @@ class FakeDaemon:
                             return  # hang up without replying
                         conn.sendall(raw)
                         continue
-                    conn.sendall(json.dumps(self._reply(request)).encode() + b"\n")
+                    if request["method"] in self.delays:  # a busy daemon, not a dead one
+                        time.sleep(self.delays[request["method"]])
+                    try:
+                        conn.sendall(json.dumps(self._reply(request)).encode() + b"\n")
+                    except OSError:
+                        return  # the client gave up waiting and closed
                     if self.close_after_reply:
                         return
 
@@ -115,6 +122,3 @@ class FakeDaemon:
 def echo_route(params: dict[str, Any]) -> dict[str, Any]:
     route = {k: v for k, v in params.items() if k != "dry_run"}
     return {"route": route, "dry_run": params.get("dry_run", False)}
-
-
-# ---------------------------------------------------------------- wire format

@@ -208,3 +208,38 @@ def test_garbage_reply_is_a_protocol_error(daemon: FakeDaemon) -> None:
     daemon.raw = lambda req: b"hello\n"
     with pytest.raises(ProtocolError, match="not JSON"):
         Client(daemon.path).status()
+
+
+# ---------------------------------------------------------------- a busy daemon is not a dead one
+
+
+def test_waiting_while_connected_outlasts_the_timeout_and_reports_each_step(
+    daemon: FakeDaemon,
+) -> None:
+    daemon.replies["config.apply"] = {"diff": {}, "dry_run": False}
+    daemon.delays["config.apply"] = 0.5
+    waited: list[float] = []
+    mc = Client(daemon.path, timeout=0.1, wait_while_connected=True, on_wait=waited.append)
+    assert mc.apply({"routes": []}) == {"diff": {}, "dry_run": False}
+    assert len(waited) >= 3
+    assert waited == sorted(waited) and waited[0] >= 0.1
+
+
+def test_without_waiting_a_slow_reply_is_still_no_reply_within_timeout(
+    daemon: FakeDaemon,
+) -> None:
+    daemon.replies["daemon.status"] = {}
+    daemon.delays["daemon.status"] = 0.5
+    with pytest.raises(DaemonUnreachable, match=r"no reply within 0.1 s"):
+        Client(daemon.path, timeout=0.1).status()
+
+
+def test_a_connection_dropped_while_waiting_is_unreachable(daemon: FakeDaemon) -> None:
+    def hang_up_later(request: dict[str, Any]) -> None:
+        time.sleep(0.3)
+        return None
+
+    daemon.raw = hang_up_later
+    mc = Client(daemon.path, timeout=0.1, wait_while_connected=True)
+    with pytest.raises(DaemonUnreachable, match="closed by the daemon"):
+        mc.status()
