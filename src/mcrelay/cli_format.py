@@ -8,28 +8,35 @@ bypasses this module, so the layout here may change between releases.
 
 Results come from a daemon that may be older or newer than this client: a
 missing key is shown as ``-`` rather than raising.
+
+Imports are kept to what ``status`` and ``route add`` need: the rule model
+(for DSCP names) and :mod:`ipaddress` (for sorting and filters) are loaded
+when a table first needs them, since a CLI call is short-lived.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
-
-from .model import DSCP_CLASSES
 
 Cell = str | int | float | None
 Align = Literal["left", "right"]
 MISSING = "-"
 
-# Preferred class name for each DSCP value (EF rather than 46, CS0 shown as nothing).
 _DSCP_NAMES: dict[int, str] = {}
-for _name, _code in DSCP_CLASSES.items():
-    if _name not in ("BE", "DF") and _code not in _DSCP_NAMES:
-        _DSCP_NAMES[_code] = _name
+
+
+def _dscp_names() -> dict[int, str]:
+    """Preferred class name for each DSCP value (EF rather than 46, CS0 shown as nothing)."""
+    if not _DSCP_NAMES:
+        from .model import DSCP_CLASSES
+
+        for name, code in DSCP_CLASSES.items():
+            if name not in ("BE", "DF") and code not in _DSCP_NAMES:
+                _DSCP_NAMES[code] = name
+    return _DSCP_NAMES
 
 
 # ---------------------------------------------------------------- primitives
@@ -75,12 +82,18 @@ def duration(seconds: Any) -> str:
     return f"{s}s"
 
 
-@dataclass(frozen=True)
 class Column:
-    """A table column: its header and how its cells line up."""
+    """A table column: its header and how its cells line up.
 
-    header: str
-    align: Align = "left"
+    A plain class, not a dataclass: :mod:`dataclasses` alone costs a CLI call
+    several milliseconds to import.
+    """
+
+    __slots__ = ("align", "header")
+
+    def __init__(self, header: str, align: Align = "left") -> None:
+        self.header = header
+        self.align = align
 
 
 def table(columns: Sequence[Column], rows: Iterable[Sequence[Cell]]) -> str:
@@ -124,7 +137,7 @@ def _host(address: Any) -> str:
 def dscp_name(value: Any) -> str:
     """46 -> EF, 34 -> AF41, 40 -> CS5, 0 -> 0; other values as numbers."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return _DSCP_NAMES.get(value, str(value)) if value else "0"
+        return _dscp_names().get(value, str(value)) if value else "0"
     return str(value)
 
 
@@ -268,6 +281,8 @@ def _route_sort_key(route: Any) -> tuple[int, str, str, str]:
 
 def _addr_key(text: Any) -> str:
     """Addresses sorted numerically (239.1.1.2 before 239.1.1.10), '*' first."""
+    import ipaddress
+
     try:
         return f"{int(ipaddress.ip_address(str(text))):040d}"
     except ValueError:
@@ -504,3 +519,144 @@ def trace_line(record: Mapping[str, Any]) -> str:
         f"{stamp} {_get(record, 'source', MISSING)} len {_get(record, 'size', MISSING)} "
         f"-> {out_text or MISSING} {_get(record, 'result', MISSING)}"
     )
+
+
+# ---------------------------------------------------------------- filters (show VIEW FILTER...)
+
+# The words each view can be filtered by, iproute2 style (``show routes iif up0``).
+# For relays and interfaces a word that is not one of these is a name.
+FILTER_KEYS: dict[str, tuple[str, ...]] = {
+    "routes": ("iif", "oif", "group", "source"),
+    "relays": ("name", "iif", "oif", "group"),
+    "groups": ("iface", "group", "source"),
+    "interfaces": ("name",),
+}
+_FILTER_FORMS = {
+    "name": "NAME",
+    "iif": "IFACE",
+    "oif": "IFACE",
+    "iface": "IFACE",
+    "group": "PREFIX",
+    "source": "PREFIX",
+}
+_PREFIX_KEYS = ("group", "source")
+
+Terms = dict[str, list[Any]]  # key -> accepted values (names, or ip_network objects)
+
+
+def parse_filter(view: str, words: Sequence[str]) -> Terms:
+    """``iif up0 group 239.1.0.0/16`` -> {"iif": ["up0"], "group": [ip_network]}.
+
+    Raises :class:`~mcrelay.errors.InvalidParams` naming the word and what the
+    view accepts, so a typo never silently shows everything.
+    """
+    from .errors import InvalidParams
+
+    keys = FILTER_KEYS.get(view, ())
+    if words and not keys:
+        raise InvalidParams("filter", f"show {view} takes no filter, got {' '.join(words)!r}")
+    terms: Terms = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in keys and i + 1 < len(words):
+            key, value, i = word, words[i + 1], i + 2
+        elif word in keys:
+            raise InvalidParams("filter", f"{word} needs a value: {word} {_FILTER_FORMS[word]}")
+        elif "name" in keys:
+            key, value, i = "name", word, i + 1
+        else:
+            expected = ", ".join(f"{k} {_FILTER_FORMS[k]}" for k in keys)
+            raise InvalidParams(
+                "filter", f"{word!r} is not a filter of show {view}; expected {expected}"
+            )
+        terms.setdefault(key, []).append(_prefix(key, value) if key in _PREFIX_KEYS else value)
+    return terms
+
+
+def _prefix(key: str, text: str) -> Any:
+    """An address or prefix (host bits allowed, as ``ip`` does): the network it names."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        from .errors import InvalidParams
+
+        raise InvalidParams(
+            key, f"{text!r} is not an address or prefix (239.1.0.0/16, ff3e::/16)"
+        ) from None
+
+
+def filter_text(terms: Terms) -> str:
+    """The filter as the user could have typed it: ``iif up0 group 239.1.0.0/16``."""
+    return " ".join(f"{k} {v}" for k, values in terms.items() for v in values)
+
+
+def select(view: str, items: Sequence[Any], terms: Terms) -> list[Any]:
+    """The items of ``view`` that match every key of ``terms`` (any one value per key)."""
+    fields = _FIELDS[view]
+    return [
+        item
+        for item in items
+        if all(
+            any(_matches(key, value, fields(item, key)) for value in values)
+            for key, values in terms.items()
+        )
+    ]
+
+
+def _matches(key: str, wanted: Any, have: list[Any]) -> bool:
+    """Does one of the item's values for ``key`` match ``wanted``?"""
+    if key in _PREFIX_KEYS:
+        return any(_in_network(text, wanted) for text in have)
+    if key == "name" and any(c in str(wanted) for c in "*?["):
+        from fnmatch import fnmatchcase
+
+        return any(fnmatchcase(str(text), str(wanted)) for text in have)
+    return any(text == wanted for text in have)
+
+
+def _in_network(text: Any, network: Any) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(str(text))
+    except ValueError:
+        return False  # "*" or missing: a (*,G) route has no source to match
+    return bool(address.version == network.version and address in network)
+
+
+def _route_fields(route: Any, key: str) -> list[Any]:
+    if key == "oif":
+        return [o if isinstance(o, str) else _get(o, "name") for o in _list(route, "oifs")]
+    return [_get(route, key)]
+
+
+def _relay_fields(relay: Any, key: str) -> list[Any]:
+    """A relay's name, input interface, output interfaces, or every address it uses.
+
+    ``group`` matches the input group and each output address, so both ends
+    of a translating relay find it.
+    """
+    inp = _get(relay, "input")
+    outputs = _list(relay, "outputs")
+    if key == "iif":
+        return [_get(inp, "iif")]
+    if key == "oif":
+        return [_get(o, "oif") for o in outputs]
+    if key == "group":
+        return [_get(inp, "group"), *(_get(o, "address") for o in outputs)]
+    return [_get(relay, key)]
+
+
+def _plain_fields(item: Any, key: str) -> list[Any]:
+    return [_get(item, key)]
+
+
+_FIELDS = {
+    "routes": _route_fields,
+    "relays": _relay_fields,
+    "groups": _plain_fields,
+    "interfaces": _plain_fields,
+}

@@ -6,6 +6,7 @@ sends, what it prints, and that exit codes mean 0 ok / 1 refused / 2 no daemon.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -818,3 +819,466 @@ def test_every_request_the_cli_sends_is_valid_for_the_server(
     for request in daemon.requests:
         command = protocol.parse_command(request["method"], request.get("params", {}))
         assert command.dry_run == ("--dry-run" in argv)
+
+
+# ---------------------------------------------------------------- iproute2 habits (issue 14)
+
+MANY_ROUTES = [
+    {"iif": "up0", "source": "*", "group": "239.1.2.3", "oifs": ["dn1"], "state": "active"},
+    {"iif": "up0", "source": "10.0.0.1", "group": "239.2.0.1", "oifs": ["dn2"], "state": "active"},
+    {"iif": "up1", "source": "*", "group": "239.1.9.9", "oifs": ["dn1", "dn2"], "state": "active"},
+    {"iif": "up1", "source": "2001:db8::1", "group": "ff3e::1", "oifs": ["dn3"], "state": "active"},
+]
+MANY_RELAYS = [
+    {
+        "name": name,
+        "state": "active",
+        "mode": "packet",
+        "input": {"iif": iif, "group": group, "port": 5000},
+        "outputs": [{"address": out, "port": 6000, "oif": oif}],
+    }
+    for name, iif, group, out, oif in (
+        ("tv1", "up0", "239.1.1.1", "239.9.1.1", "dn1"),
+        ("tv2", "up0", "239.1.1.2", "239.9.1.2", "dn2"),
+        ("radio", "up1", "239.3.0.1", "192.0.2.50", None),
+    )
+]
+GROUPS = [
+    {"iface": "up0", "group": "239.1.1.1", "source": None, "state": "joined"},
+    {"iface": "up1", "group": "232.1.1.1", "source": "10.0.0.1", "state": "joined"},
+]
+
+
+@pytest.fixture
+def listing(daemon: FakeDaemon) -> FakeDaemon:
+    daemon.replies["route.list"] = {"routes": MANY_ROUTES}
+    daemon.replies["relay.list"] = {"relays": MANY_RELAYS, "workers_polled": True}
+    daemon.replies["group.list"] = {"groups": GROUPS}
+    daemon.replies["interface.list"] = {
+        "interfaces": [{"name": n, "ifindex": i} for i, n in enumerate(("up0", "dn1", "dn2"), 2)]
+    }
+    return daemon
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "routes"],
+        ["show", "route"],
+        ["route", "show"],
+        ["route", "list"],
+        ["sh", "ro"],
+        ["ro", "l"],
+    ],
+)
+def test_every_iproute2_spelling_of_show_routes_lists_routes(
+    listing: FakeDaemon, mcrelay: Mcrelay, argv: list[str]
+) -> None:
+    run = mcrelay(*argv)
+    assert run.code == 0, run.err
+    assert run.out == mcrelay("show", "routes").out
+    assert listing.methods() == ["route.list", "route.list"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["show", "relays"], ["show", "relay"], ["relay", "show"], ["relay", "list"]]
+)
+def test_every_spelling_of_show_relays_lists_relays(
+    listing: FakeDaemon, mcrelay: Mcrelay, argv: list[str]
+) -> None:
+    assert mcrelay(*argv).out == mcrelay("show", "relays").out
+    assert listing.methods() == ["relay.list", "relay.list"]
+
+
+def test_group_show_lists_memberships(listing: FakeDaemon, mcrelay: Mcrelay) -> None:
+    assert mcrelay("group", "show").out == mcrelay("show", "groups").out
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "params"),
+    [
+        (["route", "delete", "eth0", "239.1.1.1"], "route.del", {"group": "239.1.1.1"}),
+        (["ro", "de", "eth0", "239.1.1.1"], "route.del", {"group": "239.1.1.1"}),
+        (["relay", "delete", "tv1"], "relay.del", {"name": "tv1"}),
+        (["rel", "d", "tv1"], "relay.del", {"name": "tv1"}),
+        (
+            ["rel", "a", "tv1", "--in", "239.1.1.1:5000@eth0", "--out", "192.0.2.10:7000"],
+            "relay.add",
+            {"name": "tv1"},
+        ),
+        (["ro", "a", "eth0", "239.1.1.1", "eth1"], "route.add", {"oifs": ["eth1"]}),
+        (["statu"], "daemon.status", {}),
+        (["gr", "j", "eth0", "239.1.1.1"], "group.join", {"iface": "eth0"}),
+    ],
+)
+def test_delete_and_unambiguous_prefixes_are_the_full_command(
+    daemon: FakeDaemon, mcrelay: Mcrelay, argv: list[str], method: str, params: dict[str, Any]
+) -> None:
+    daemon.replies[method] = lambda p: {}
+    run = mcrelay(*argv)
+    assert run.code == 0, run.err
+    sent = daemon.last(method).get("params", {})
+    assert {k: sent[k] for k in params} == params
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["s"], "ambiguous command 's': could be show, stats, status"),
+        (["st"], "ambiguous command 'st': could be stats, status"),
+        (["r", "add", "eth0"], "ambiguous command 'r': could be relay, route"),
+        (["show", "r"], "ambiguous view 'r': could be relays, routes"),
+        (["route", "x"], "unknown route action 'x'; expected one of add, del, show"),
+        (["launch"], "unknown command 'launch'; expected one of apply, export, group, relay,"),
+    ],
+)
+def test_ambiguous_or_unknown_word_exits_1_listing_the_candidates(
+    daemon: FakeDaemon, mcrelay: Mcrelay, argv: list[str], message: str
+) -> None:
+    run = mcrelay(*argv)
+    assert run.code == 1
+    assert run.err.startswith("usage: mcrelay")
+    assert f"mcrelay: {message}" in run.err
+    assert daemon.requests == []
+
+
+def _routes_shown(out: str) -> list[tuple[str, str]]:
+    return [(line.split()[0], line.split()[2]) for line in out.splitlines()[1:]]
+
+
+@pytest.mark.parametrize(
+    ("filters", "shown"),
+    [
+        (["iif", "up0"], [("up0", "239.1.2.3"), ("up0", "239.2.0.1")]),
+        (["group", "239.1.0.0/16"], [("up0", "239.1.2.3"), ("up1", "239.1.9.9")]),
+        (["group", "239.1.2.3"], [("up0", "239.1.2.3")]),
+        (["group", "ff00::/8"], [("up1", "ff3e::1")]),
+        (["oif", "dn2"], [("up0", "239.2.0.1"), ("up1", "239.1.9.9")]),
+        (["source", "10.0.0.0/8"], [("up0", "239.2.0.1")]),
+        (["iif", "up1", "oif", "dn1"], [("up1", "239.1.9.9")]),  # every key must match
+        (
+            ["oif", "dn1", "oif", "dn3"],
+            [("up0", "239.1.2.3"), ("up1", "239.1.9.9"), ("up1", "ff3e::1")],
+        ),
+    ],
+)
+def test_show_routes_filters_by_iif_oif_group_prefix_and_source(
+    listing: FakeDaemon, mcrelay: Mcrelay, filters: list[str], shown: list[tuple[str, str]]
+) -> None:
+    run = mcrelay("show", "routes", *filters)
+    assert run.code == 0, run.err
+    assert sorted(_routes_shown(run.out)) == sorted(shown)
+
+
+def test_filtered_json_keeps_the_daemons_shape_with_only_the_matches(
+    listing: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    routes = json.loads(mcrelay("-o", "json", "show", "routes", "iif", "up1").out)
+    assert routes == {"routes": MANY_ROUTES[2:]}
+    relays = json.loads(mcrelay("show", "relays", "tv2", "-o", "json").out)
+    assert relays == {"relays": [MANY_RELAYS[1]], "workers_polled": True}
+
+
+@pytest.mark.parametrize(
+    ("filters", "names"),
+    [
+        (["tv1"], ["tv1"]),
+        (["name", "tv1"], ["tv1"]),
+        (["tv*"], ["tv1", "tv2"]),
+        (["tv1", "radio"], ["radio", "tv1"]),
+        (["iif", "up0"], ["tv1", "tv2"]),
+        (["oif", "dn2"], ["tv2"]),
+        (["group", "239.1.0.0/16"], ["tv1", "tv2"]),
+        (["group", "239.9.1.2"], ["tv2"]),  # an output address finds the relay too
+        (["group", "192.0.2.0/24"], ["radio"]),
+    ],
+)
+def test_show_relays_filters_by_name_iif_oif_and_group(
+    listing: FakeDaemon, mcrelay: Mcrelay, filters: list[str], names: list[str]
+) -> None:
+    out = json.loads(mcrelay("-o", "json", "show", "relays", *filters).out)
+    assert sorted(r["name"] for r in out["relays"]) == names
+    table = mcrelay("show", "relays", *filters).out
+    assert sorted(line.split()[0] for line in table.splitlines()[1:] if line[0] != " ") == names
+
+
+def test_show_groups_filters_by_iface_and_interfaces_by_name(
+    listing: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    groups = mcrelay("show", "groups", "iface", "up1").out.splitlines()
+    assert [line.split()[:2] for line in groups[1:]] == [["up1", "232.1.1.1"]]
+    assert json.loads(mcrelay("-o", "json", "show", "groups", "group", "239.0.0.0/8").out) == {
+        "groups": GROUPS[:1]
+    }
+    interfaces = mcrelay("show", "interfaces", "dn*").out.splitlines()
+    assert [line.split()[0] for line in interfaces[1:]] == ["dn1", "dn2"]
+
+
+def test_a_filter_matching_nothing_says_so(listing: FakeDaemon, mcrelay: Mcrelay) -> None:
+    run = mcrelay("show", "routes", "iif", "eth9", "group", "239.0.0.0/8")
+    assert (run.code, run.out) == (0, "no routes match iif eth9 group 239.0.0.0/8\n")
+    assert json.loads(mcrelay("-o", "json", "show", "relays", "nope").out)["relays"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "routes", "up0"], "'up0' is not a filter of show routes; expected iif IFACE"),
+        (["show", "routes", "iif"], "iif needs a value: iif IFACE"),
+        (["show", "routes", "group", "239.1/99"], "'239.1/99' is not an address or prefix"),
+        (["show", "workers", "w0"], "show workers takes no filter"),
+        (["show", "groups", "iif", "up0"], "'iif' is not a filter of show groups"),
+    ],
+)
+def test_a_bad_filter_exits_1_before_asking_the_daemon(
+    listing: FakeDaemon, mcrelay: Mcrelay, argv: list[str], message: str
+) -> None:
+    run = mcrelay(*argv)
+    assert run.code == 1
+    assert message in run.err
+    assert listing.requests == []
+
+
+# ---------------------------------------------------------------- batch mode (issue 12)
+
+
+@pytest.fixture
+def routes_daemon(daemon: FakeDaemon) -> FakeDaemon:
+    daemon.replies["route.add"] = echo_route
+    daemon.replies["route.del"] = echo_route
+    return daemon
+
+
+def _batch(tmp_path: Path, *lines: str) -> str:
+    path = tmp_path / "commands"
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_batch_runs_every_line_over_one_connection_one_line_each(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    lines = [f"route add up0 239.1.1.{i} dn1" for i in range(1, 51)]
+    run = mcrelay("-b", _batch(tmp_path, *lines))
+    assert run.code == 0, run.err
+    assert run.out.splitlines() == [
+        f"added route (*, 239.1.1.{i}) on up0 -> dn1" for i in range(1, 51)
+    ]
+    assert routes_daemon.connections == 1
+    assert len(routes_daemon.requests) == 50
+
+
+def test_batch_skips_comments_and_blank_lines_and_takes_the_cli_syntax(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = _batch(
+        tmp_path,
+        "# the feeds of studio 1",
+        "",
+        "   ",
+        "ro a up0 10.0.0.1 239.1.1.1 dn1 dn2   # prefixes work too",
+        "route delete up0 239.1.1.9",
+    )
+    run = mcrelay("--batch", path)
+    assert run.code == 0, run.err
+    assert routes_daemon.methods() == ["route.add", "route.del"]
+    assert routes_daemon.requests[0]["params"]["oifs"] == ["dn1", "dn2"]
+
+
+def test_batch_from_stdin(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("route add up0 239.1.1.1 dn1\n"))
+    run = mcrelay("-b", "-")
+    assert (run.code, run.out) == (0, "added route (*, 239.1.1.1) on up0 -> dn1\n")
+
+
+def test_batch_stops_at_the_first_refused_command_and_exits_1(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    routes_daemon.replies["route.add"] = lambda p: (
+        RpcError(-32001, f"rule exists: route {p['group']}") if p["group"] == "239.1.1.2" else {}
+    )
+    path = _batch(tmp_path, *(f"route add up0 239.1.1.{i} dn1" for i in (1, 2, 3)))
+    run = mcrelay("-b", path)
+    assert run.code == 1
+    assert len(run.out.splitlines()) == 1  # line 1 only
+    assert "mcrelay: line 2: rule exists: route 239.1.1.2" in run.err
+    assert "stopped at line 2" in run.err
+    assert len(routes_daemon.requests) == 2
+
+
+def test_batch_force_goes_on_after_refusals_and_still_exits_1(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = _batch(
+        tmp_path,
+        "route add up0 239.1.1.1 dn1",
+        "route add up0 nonsense dn1",  # refused by the CLI itself
+        "show everything",  # a usage error
+        "route add up0 239.1.1.3 dn1",
+    )
+    run = mcrelay("-b", path, "--force")
+    assert run.code == 1
+    assert len(run.out.splitlines()) == 2
+    assert "line 2: group: 'nonsense' is not an IP address" in run.err
+    assert "line 3: unknown view 'everything'" in run.err
+    assert "mcrelay: 2 of 4 commands refused" in run.err
+    assert routes_daemon.methods() == ["route.add", "route.add"]
+
+
+def test_batch_json_prints_one_tagged_object_per_command(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = _batch(tmp_path, "route add up0 239.1.1.1 dn1", "# note", "route add up0 x dn1")
+    run = mcrelay("-o", "json", "-b", path, "--force")
+    assert run.code == 1
+    first, second = (json.loads(line) for line in run.out.splitlines())
+    assert first == {"line": 1, "result": echo_route({"iif": "up0", "group": "239.1.1.1",
+                                                      "oifs": ["dn1"]})}  # fmt: skip
+    assert second["line"] == 3
+    assert second["error"]["code"] == INVALID_PARAMS
+
+
+def test_batch_dry_run_says_nothing_changed_once_at_the_end(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path
+) -> None:
+    path = _batch(tmp_path, "route add up0 239.1.1.1 dn1", "route add up0 239.1.1.2 dn1")
+    run = mcrelay("--dry-run", "-b", path)
+    assert run.code == 0
+    assert run.out.splitlines() == [
+        "would add route (*, 239.1.1.1) on up0 -> dn1",
+        "would add route (*, 239.1.1.2) on up0 -> dn1",
+        "dry run: nothing was changed",
+    ]
+    assert all(r["params"]["dry_run"] for r in routes_daemon.requests)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("trace tv1", "trace runs until stopped; it cannot be part of a batch"),
+        ("stats --watch", "stats runs until stopped"),
+        ("--socket /tmp/x.sock status", "--socket applies to the whole batch"),
+        ("-b other", "a batch line cannot start another batch"),
+        ('route add up0 "239.1.1.1 dn1', "No closing quotation"),
+    ],
+)
+def test_batch_refuses_lines_that_cannot_run_in_a_batch(
+    routes_daemon: FakeDaemon, mcrelay: Mcrelay, tmp_path: Path, line: str, message: str
+) -> None:
+    run = mcrelay("-b", _batch(tmp_path, line))
+    assert run.code == 1
+    assert f"line 1: {message}" in run.err
+    assert routes_daemon.requests == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-b", "FILE", "status"], "with -b FILE the commands come from FILE"),
+        (["--force", "status"], "--force goes with --batch FILE"),
+    ],
+)
+def test_batch_options_misused_are_usage_errors(
+    mcrelay: Mcrelay, argv: list[str], message: str
+) -> None:
+    run = mcrelay(*argv)
+    assert run.code == 1
+    assert message in run.err
+
+
+def test_batch_file_that_cannot_be_read_exits_1(mcrelay: Mcrelay, tmp_path: Path) -> None:
+    run = mcrelay("-b", str(tmp_path / "absent"))
+    assert run.code == 1
+    assert "cannot read" in run.err
+
+
+def test_batch_stops_with_exit_2_when_the_daemon_is_gone(mcrelay: Mcrelay, tmp_path: Path) -> None:
+    path = _batch(tmp_path, "route add up0 239.1.1.1 dn1", "route add up0 239.1.1.2 dn1")
+    run = mcrelay("--socket", str(tmp_path / "none.sock"), "--force", "-b", path)
+    assert run.code == 2
+    assert run.err.count("cannot reach mcrelayd") == 1
+
+
+# ---------------------------------------------------------------- fast path and slow replies
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("status", ["status"]),
+        ("status", ["status", "-o", "json", "--socket", "/tmp/s.sock"]),
+        ("status", ["--output=json", "-v", "status", "--dry-run"]),
+        ("route", ["route", "add", "eth0", "239.1.1.1", "eth1", "eth2"]),
+        (
+            "route",
+            ["--dry-run", "route", "add", "eth0", "10.0.0.1", "239.1.1.1", "eth1", "-o", "json"],
+        ),
+        ("route", ["route", "del", "eth0", "239.1.1.1", "--socket=/tmp/s.sock"]),
+        ("route", ["route", "del", "eth0", "10.0.0.1", "239.1.1.1", "--verbose"]),
+    ],
+)
+def test_the_fast_path_parses_exactly_as_argparse_does(command: str, argv: list[str]) -> None:
+    fast = cli._fast_parse(argv)
+    assert fast is not None
+    assert vars(fast) == vars(cli.build_parser(command).parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--help"],
+        ["status", "extra"],
+        ["route", "add", "eth0", "239.1.1.1", "eth1", "--ttl-threshold", "eth1=4"],
+        ["route", "add", "eth0"],
+        ["--dry", "route", "del", "eth0", "239.1.1.1"],  # an abbreviation: argparse's
+        ["-ojson", "status"],
+        ["-o", "xml", "status"],
+        ["show", "routes"],
+    ],
+)
+def test_the_fast_path_leaves_anything_else_to_argparse(argv: list[str]) -> None:
+    assert cli._fast_parse(argv) is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_slow_reply_on_a_live_connection_is_waited_for_not_unreachable(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "REPLY_STEP", 0.1)  # the 10 s step, shortened
+    daemon.replies["config.export"] = {"routes": [], "relays": [], "groups": []}
+    daemon.delays["config.export"] = 0.5  # five steps: the old fixed timeout would say exit 2
+    run = mcrelay("export")
+    assert run.code == 0, run.err
+    assert json.loads(run.out) == {"routes": [], "relays": [], "groups": []}
+    assert run.err == ""  # not a terminal: no progress notes
+
+
+def test_a_person_at_a_terminal_is_told_the_daemon_is_still_working(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "REPLY_STEP", 0.1)
+    monkeypatch.setenv("MCRELAY_SOCKET", daemon.path)
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    daemon.replies["daemon.status"] = {"version": "0.1.0"}
+    daemon.delays["daemon.status"] = 0.35
+    assert cli.main(["status"]) == 0
+    notes = terminal.getvalue().splitlines()
+    assert len(notes) >= 2
+    assert notes[0] == "mcrelay: still waiting for mcrelayd (0 s)\u2026"
+    assert all(n.startswith("mcrelay: still waiting for mcrelayd (") for n in notes)
+
+
+def test_a_connection_dropped_while_waiting_is_unreachable(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    daemon.raw = lambda req: None  # the daemon dies before replying
+    run = mcrelay("status")
+    assert run.code == 2
+    assert "connection closed by the daemon before it replied" in run.err
