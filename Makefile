@@ -10,7 +10,7 @@ DEBS    := python3 python3-venv python3-pip python3-pyroute2 python3-systemd \
 STAMP_DEBS := $(VENV)/.debs
 STAMP_PIP  := $(VENV)/.pip
 
-.PHONY: all setup demo test lint typecheck unit netns bench deb clean
+.PHONY: all setup demo test lint typecheck unit netns bench deb deb-check man docs clean
 
 all: test
 
@@ -52,8 +52,40 @@ bench: setup
 	$(PY) -m bench.hot_path
 	$(PY) -m bench.relay_throughput
 
-deb: setup
-	bash packaging/build-deb.sh
+# The Debian package and the docs are built with Debian's tools only (no PyPI).
+DEB_BUILD_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+                  python3-shtab python3-pyroute2 lintian
+DOCS_DEBS      := mkdocs python3-pyroute2
+
+define apt_need
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+deb:
+	$(call apt_need,$(DEB_BUILD_DEBS))
+	bash packaging/deb.sh build build
+
+deb-check:
+	$(call apt_need,$(DEB_BUILD_DEBS))
+	bash packaging/deb.sh check build
+
+man:
+	@mkdir -p build/man
+	export SOURCE_DATE_EPOCH=$$(dpkg-parsechangelog -S Timestamp) PYTHONPATH=src; \
+	for p in mcrelay mcrelayd; do \
+	  /usr/bin/python3 packaging/docgen.py man $$p >build/man/$$p.8 || exit 1; done; \
+	/usr/bin/python3 packaging/docgen.py man mcrelay.toml >build/man/mcrelay.toml.5
+	@echo "man pages in build/man (man -l build/man/mcrelay.8)"
+
+docs:
+	$(call apt_need,$(DOCS_DEBS))
+	PYTHONPATH=src /usr/bin/python3 packaging/docgen.py settings-md >docs/settings.md
+	/usr/bin/python3 -m mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", metavar="FILE", help="state file holding the rules")
     p.add_argument("--workers", metavar="N", type=int, help="relay worker processes")
     p.add_argument("--user", metavar="USER", help="user the children run as")
-    p.add_argument("--log-level", metavar="LEVEL", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        choices=["debug", "info", "warning", "error"],
+        help="debug, info, warning or error (default info)",
+    )
     p.add_argument("--version", action="version", version=f"mcrelayd {__version__}")
     return p
 
