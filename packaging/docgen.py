@@ -5,6 +5,7 @@
     python3 packaging/docgen.py man mcrelayd       > mcrelayd.8
     python3 packaging/docgen.py man mcrelay.toml   > mcrelay.toml.5
     python3 packaging/docgen.py settings-md        > docs/settings.md
+    python3 packaging/docgen.py completion bash    > mcrelay   (zsh: _mcrelay)
 
 (with ``src`` on PYTHONPATH). The command pages walk the argparse parsers
 (``mcrelay.cli.build_parser``, ``mcrelay.daemon.build_parser``), every level of
@@ -273,6 +274,8 @@ def command_page(
             own = _own_actions(c.parser, globals_)
             if own:
                 lines += [".RS", *options(own), ".RE"]
+            if c.parser.epilog:
+                lines += [".PP", roff(c.parser.epilog)]
     return "\n".join(lines) + "\n" + tail.lstrip("\n")
 
 
@@ -397,6 +400,34 @@ def settings_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+# ---------------------------------------------------------------- completion
+
+# shtab 1.5 (bookworm) reads a positional's choices with ${!name}, which gives
+# only an array's first element: `mcrelay route <TAB>` offered "add" but not
+# "del". Later shtab reads name[@]; do the same, one choice a line, because the
+# script splits the list on newlines.
+_SHTAB_CHOICES_BUG = (
+    'local current_action_choices_var="${current_action}_choices"\n'
+    '  current_action_choices="${!current_action_choices_var}"'
+)
+_SHTAB_CHOICES_FIX = (
+    'local current_action_choices_var="${current_action}_choices[@]"\n'
+    "  printf -v current_action_choices '%s\\n' \"${!current_action_choices_var}\""
+)
+
+
+def completion(shell: str) -> str:
+    """The shell completion script for ``mcrelay``, from its parser (shtab)."""
+    import shtab
+
+    from mcrelay import cli
+
+    text: str = shtab.complete(cli.build_parser(), shell=shell)
+    if shell == "bash" and _SHTAB_CHOICES_BUG in text:
+        text = text.replace(_SHTAB_CHOICES_BUG, _SHTAB_CHOICES_FIX)
+    return text
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -406,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     man = sub.add_parser("man", help="a man page on stdout")
     man.add_argument("page", choices=("mcrelay", "mcrelayd", "mcrelay.toml"))
     sub.add_parser("settings-md", help="docs/settings.md on stdout")
+    comp = sub.add_parser("completion", help="shell completion for mcrelay on stdout")
+    comp.add_argument("shell", choices=("bash", "zsh"))
     args = ap.parse_args(argv)
 
     from mcrelay import __version__, cli, daemon
 
     if args.what == "settings-md":
         sys.stdout.write(settings_markdown())
+    elif args.what == "completion":
+        sys.stdout.write(completion(args.shell))
     elif args.page == "mcrelay":
         text = command_page(
             cli.build_parser(),

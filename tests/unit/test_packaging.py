@@ -284,16 +284,48 @@ def _leaf_commands(parser: object, name: str) -> list[str]:
     return [name]
 
 
+def bash_complete(script: Path, line: str) -> list[str]:
+    """What bash offers for ``line`` (words so far, a trailing space: a new word)."""
+    driver = (
+        'source "$1"; read -ra COMP_WORDS <<< "$2"; [[ "$2" == *" " ]] && COMP_WORDS+=("");'
+        " COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMP_LINE=$2; COMP_POINT=${#2};"
+        ' _shtab_mcrelay mcrelay "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}";'
+        ' printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    out = subprocess.run(
+        ["bash", "-c", driver, "complete", str(script), line],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [w for w in out.splitlines() if w]
+
+
 @needs_deb
 def test_completions(extracted: Path) -> None:
-    bash = (extracted / "usr/share/bash-completion/completions/mcrelay").read_text()
+    script = extracted / "usr/share/bash-completion/completions/mcrelay"
+    bash = script.read_text()
     subprocess.run(["bash", "-n", "-c", bash], check=True)
     assert re.search(r"^complete .*\bmcrelay$", bash, re.M)
-    for word in ("route", "relay", "show", "apply", "--dry-run"):
-        assert word in bash, word
+    subs = _subcommands(cli.build_parser())
+    assert bash_complete(script, "mcrelay ") == list(subs)
+    # Every choice, not only the first (shtab 1.5 offered only "add" here).
+    assert bash_complete(script, "mcrelay route ") == list(_subcommands(subs["route"]))
+    assert bash_complete(script, "mcrelay -o ") == ["table", "json"]
+    assert "--dry-run" in bash_complete(script, "mcrelay route add --")
     zsh = (extracted / "usr/share/zsh/vendor-completions/_mcrelay").read_text()
     assert zsh.startswith("#compdef mcrelay")
     assert "route" in zsh and "--dry-run" in zsh
+
+
+def _subcommands(parser: object) -> dict[str, object]:
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 @needs_deb
