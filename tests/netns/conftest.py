@@ -94,3 +94,27 @@ def daemon(lab: StandardLab) -> Iterator[DaemonProcess]:
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture
+def tmpfs_daemon(lab: StandardLab) -> Iterator[DaemonProcess]:
+    """mcrelayd whose state directory is a 16 KiB tmpfs mounted in its own mount namespace.
+
+    The test's own view of that directory stays empty; read the state with
+    :func:`read_state` (nsenter into the daemon's mount namespace).
+    """
+    d = DaemonProcess(lab, "router")
+    statedir = d.workdir / "state"
+    statedir.mkdir()
+    d.state = str(statedir / "state.json")
+    d.wrapper = [
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size=16k,mode=0750 mcrelay-test "{statedir}" && exec "$@"',
+        "sh",
+    ]
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -183,30 +182,6 @@ def test_a_state_path_that_is_a_directory_stops_the_daemon(lab: StandardLab) -> 
 
 
 # ---------------------------------------------------------------- unwritable state
-
-
-@pytest.fixture
-def tmpfs_daemon(lab: StandardLab) -> Iterator[DaemonProcess]:
-    """mcrelayd whose state directory is a 16 KiB tmpfs mounted in its own mount namespace.
-
-    The test's own view of that directory stays empty; read the state with
-    :func:`read_state` (nsenter into the daemon's mount namespace).
-    """
-    d = DaemonProcess(lab, "router")
-    statedir = d.workdir / "state"
-    statedir.mkdir()
-    d.state = str(statedir / "state.json")
-    d.wrapper = [
-        "sh",
-        "-c",
-        f'mount -t tmpfs -o size=16k,mode=0750 mcrelay-test "{statedir}" && exec "$@"',
-        "sh",
-    ]
-    try:
-        d.start()
-        yield d
-    finally:
-        d.close()
 
 
 def read_state(d: DaemonProcess) -> dict[str, object]:

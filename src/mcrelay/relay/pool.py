@@ -220,18 +220,19 @@ class WorkerPool:
                 self.send(slot.index, msg, now=now)
 
     def request_stats(self, now: float) -> dict[int, int]:
-        """Ask every running worker for its counters, unless a request is still unanswered.
+        """Ask every running worker for its counters; return whom to wait for, with the seq.
 
-        Returns the seq each asked worker will answer with, for :meth:`answered`.
+        A worker that has not answered its previous request yet (busy, or
+        hung) is not asked again and not waited for: a listing then shows its
+        last counters, and their age says how old they are.
         """
         asked = {}
         for slot in self.slots:
-            if not self.running(slot.index):
+            if not self.running(slot.index) or slot.stats_answered < slot.stats_seq:
                 continue
-            if slot.stats_answered >= slot.stats_seq:
-                slot.stats_seq += 1
-                self.send(slot.index, m.StatsRequest(slot.stats_seq), now=now)
-            asked[slot.index] = slot.stats_seq
+            slot.stats_seq += 1
+            if self.send(slot.index, m.StatsRequest(slot.stats_seq), now=now):
+                asked[slot.index] = slot.stats_seq
         return asked
 
     def answered(self, asked: dict[int, int]) -> bool:
