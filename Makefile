@@ -9,8 +9,13 @@ DEBS    := python3 python3-venv python3-pip python3-pyroute2 python3-systemd \
            iproute2 procps socat gcc libc6-dev
 STAMP_DEBS := $(VENV)/.debs
 STAMP_PIP  := $(VENV)/.pip
+# A second environment with the newest pyroute2 the bounds in pyproject.toml
+# allow, from PyPI: what `pip install .` gives users. The namespace suite runs
+# against it as well as against Debian's python3-pyroute2.
+VENV_PYPI  := .venv-pypi
+STAMP_PYPI := $(VENV_PYPI)/.pip
 
-.PHONY: all setup demo test lint typecheck unit netns bench deb deb-check man docs clean
+.PHONY: all setup setup-pypi demo test lint typecheck unit netns bench deb deb-check man docs clean
 
 all: test
 
@@ -30,7 +35,17 @@ $(STAMP_PIP): $(STAMP_DEBS) pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
+$(STAMP_PYPI): $(STAMP_DEBS) pyproject.toml requirements-dev.txt
+	@test -x $(VENV_PYPI)/bin/python || /usr/bin/python3 -m venv $(VENV_PYPI)
+	$(VENV_PYPI)/bin/python -m pip install -q --upgrade pip
+	$(VENV_PYPI)/bin/python -m pip install -q --upgrade -r requirements-dev.txt
+	$(VENV_PYPI)/bin/python -m pip install -q --upgrade -e ".[metrics]"
+	@$(VENV_PYPI)/bin/python -c 'import pyroute2; print("pyroute2 from PyPI:", pyroute2.__version__)'
+	@touch $@
+
 setup: $(STAMP_PIP)
+
+setup-pypi: $(STAMP_PYPI)
 
 demo: setup
 	$(PY) -m mcrelay.demo
@@ -45,8 +60,10 @@ typecheck: setup
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit tests/fuzz
 
-test: setup lint typecheck
+test: setup setup-pypi lint typecheck
 	$(VENV)/bin/pytest -q --durations=15 tests
+	@echo "namespace suite again, with pyroute2 $$($(VENV_PYPI)/bin/python -c 'import pyroute2; print(pyroute2.__version__)') from PyPI:"
+	$(VENV_PYPI)/bin/pytest -q -p no:cacheprovider tests/netns
 
 bench: setup
 	$(PY) -m bench.hot_path
@@ -88,4 +105,4 @@ docs:
 	/usr/bin/python3 -m mkdocs build --strict --site-dir build/site
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_PYPI) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -28,6 +29,7 @@ import pytest
 from mcrelay.lab import StandardLab, wait_for
 from mcrelay.lab.daemon import DaemonProcess
 from mcrelay.lab.netns import python_env
+from mcrelay.lab.traffic import open_receiver, open_sender, send
 
 SRC4 = "192.0.2.2"
 ROUTE_G, RELAY_IN, RELAY_OUT, STEADY_G = "239.50.0.1", "239.50.0.2", "239.60.0.2", "239.50.0.3"
@@ -410,3 +412,44 @@ def test_a_change_that_cannot_be_saved_touches_no_flow_and_no_counter(
     assert rx_route.result().count == 2000, "refused changes cost route packets"
     assert rx_relay.result().count == 2000, "refused changes cost relay packets"
     assert d.in_mount_ns("mount", "-o", "remount,rw", os.path.dirname(d.state)).returncode == 0
+
+
+def test_a_learned_source_that_moves_to_another_input_is_re_resolved(
+    lab: StandardLab, live: DaemonProcess
+) -> None:
+    group = "239.50.0.7"
+    live.cli("route", "add", "up0", group, "dn1", check=True)
+    live.cli("route", "add", "dn2", group, "dn1", check=True)
+    lab.probe_until_forwarded("src", group, PORT, "veth0", "rcv1", "veth0", timeout=5)
+    (route,) = [
+        r for r in live.call("route.list")["routes"] if r["group"] == group and r["iif"] == "up0"
+    ]
+    assert [s["source"] for s in route["learned"]] == [SRC4]
+    # The same source now reaches the router through dn2 (a re-homed sender).
+    lab.ip("rcv2", "addr", "add", f"{SRC4}/32", "dev", "veth0")
+    rsock = lab.in_ns("rcv1", open_receiver, group, PORT, iface="veth0")
+    try:
+        sock = lab.in_ns("rcv2", open_sender, group, iface="veth0", ttl=8, source=SRC4)
+        try:
+            start = time.monotonic()
+            arrived = None
+            seq = 0
+            while arrived is None and time.monotonic() - start < 5:
+                send(group, PORT, sock=sock, first_seq=seq, stream=7)
+                seq += 1
+                if select.select([rsock], [], [], 0.05)[0]:
+                    arrived = time.monotonic() - start
+        finally:
+            sock.close()
+    finally:
+        rsock.close()
+    assert arrived is not None, (
+        lab.run("router", "cat", "/proc/net/ip_mr_cache").stdout,
+        live.call("route.list"),
+        live.log()[-3000:],
+    )
+    assert arrived <= 2.0, f"re-resolved only after {arrived:.2f} s"
+    (moved,) = [
+        r for r in live.call("route.list")["routes"] if r["group"] == group and r["iif"] == "dn2"
+    ]
+    assert [s["source"] for s in moved["learned"]] == [SRC4]

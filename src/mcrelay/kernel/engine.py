@@ -482,6 +482,23 @@ class KernelEngine:
                 mkey: MfcKey = (family, source, key.group)
                 installed = self._k.owner.get(mkey) == key
                 count = self._count(mkey) if installed else None
+                if (
+                    count is not None
+                    and count[2] > rec.wrong_if >= 0
+                    and (count[2] - rec.wrong_if >= count[0] - rec.packets)
+                ):
+                    # Every packet since the last look came in on another
+                    # interface (the kernel counts those as packets *and*
+                    # wrong-interface): the source moved. Drop the entry so the
+                    # next packet's upcall resolves it on the route of its new input.
+                    log.info(
+                        "source %s of %s now arrives on another interface; re-resolving",
+                        source,
+                        key,
+                    )
+                    if self._forget_learned(key, source, mkey):
+                        removed.append((key, source))
+                    continue
                 if count is not None and count[0] != rec.packets:
                     rec.packets, rec.bytes, rec.wrong_if = count
                     rec.last_active = now
@@ -502,6 +519,17 @@ class KernelEngine:
             if not sources:
                 del self._learned[key]
         return removed
+
+    def _forget_learned(self, key: RouteKey, source: str, mkey: MfcKey) -> bool:
+        try:
+            self._del_mfc(mkey[0], source, key.group)
+        except KernelRefused as exc:
+            log.warning("could not remove (%s, %s): %s", source, key.group, exc)
+            return False
+        self._k.mfc.pop(mkey, None)
+        self._k.owner.pop(mkey, None)
+        self._learned.get(key, {}).pop(source, None)
+        return True
 
     # ------------------------------------------------------------ internals
 

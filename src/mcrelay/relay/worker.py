@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from mcrelay.ipc import Channel, Ping, Pong
+from mcrelay.logsetup import configure
 from mcrelay.privileges import become_unprivileged
 from mcrelay.relay import messages as m
 from mcrelay.relay import table as tbl
@@ -432,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format=f"mcrelay-worker[{os.getpid()}] %(levelname)s %(message)s"
-    )
+    configure(f"mcrelay-worker[{os.getpid()}]", logging.INFO)  # journald priorities
     chan = Channel(socket.socket(fileno=args.fd))
     w = Worker(chan)
     try:
