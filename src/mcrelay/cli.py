@@ -290,7 +290,7 @@ def _build_route(cmds: Any, sub: Sub) -> None:
         "add",
         cmd_route_add,
         "add a static kernel route; without SOURCE it is (*,G): any source of GROUP",
-        usage="mcrelay route add IIF [SOURCE] GROUP OIF [OIF...] [--ttl-threshold OIF=N]",
+        usage="mcrelay route add IIF [SOURCE[/LEN]] GROUP[/LEN] [OIF...] [--ttl-threshold OIF=N]",
     )
     p.add_argument("iif", metavar="IIF", help="input interface")
     p.add_argument("rest", nargs="+", metavar="[SOURCE] GROUP OIF", help="addresses and outputs")
@@ -306,7 +306,7 @@ def _build_route(cmds: Any, sub: Sub) -> None:
         "del",
         cmd_route_del,
         "delete a kernel route (also: route delete)",
-        usage="mcrelay route del IIF [SOURCE] GROUP",
+        usage="mcrelay route del IIF [SOURCE[/LEN]] GROUP[/LEN]",
     )
     p.add_argument("iif", metavar="IIF", help="input interface")
     p.add_argument("rest", nargs="+", metavar="[SOURCE] GROUP", help="the route's addresses")
@@ -503,14 +503,14 @@ def resolve_argv(argv: Sequence[str]) -> Resolved:
 
 
 def _address_kind(text: str) -> str | None:
-    """'multicast', 'unicast', or None if ``text`` is not an IP address."""
+    """'multicast', 'unicast', or None if ``text`` is not an IP address or prefix (ADDR/LEN)."""
     import ipaddress
 
     try:
-        addr = ipaddress.ip_address(text)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         return None
-    return "multicast" if addr.is_multicast else "unicast"
+    return "multicast" if net.network_address.is_multicast else "unicast"
 
 
 def _split_source_group(rest: Sequence[str], form: str) -> tuple[str | None, str, list[str]]:
@@ -567,10 +567,14 @@ def _show_mutation(
 
 
 def cmd_route_add(ctx: Ctx, args: argparse.Namespace) -> int:
-    form = "IIF [SOURCE] GROUP OIF [OIF...]"
+    form = "IIF [SOURCE[/LEN]] GROUP[/LEN] [OIF...]"
     source, group, names = _split_source_group(args.rest, form)
-    if not names:
-        raise InvalidParams("oifs", f"at least one output interface is required: {form}")
+    if not names and source is None:
+        raise InvalidParams(
+            "oifs",
+            f"at least one output interface is required: {form} "
+            "(only an (S,G) may have none: a stop filter that blocks that source)",
+        )
     thresholds: dict[str, int] = {}
     for item in args.ttl_threshold:
         name, sep, value = item.partition("=")

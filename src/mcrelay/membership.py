@@ -227,10 +227,20 @@ class GroupJoins:
         self.membership = membership
 
     def join(self, join: GroupJoin) -> None:
-        self.membership.join(join.iface, join.group, join.source)
+        """Join every (group, source) of the rule, or none of them."""
+        done: list[tuple[str, str | None]] = []
+        try:
+            for group, source in join.expand():
+                self.membership.join(join.iface, group, source)
+                done.append((group, source))
+        except BaseException:
+            for group, source in done:
+                self.membership.leave(join.iface, group, source)
+            raise
 
     def leave(self, join: GroupJoin) -> None:
-        self.membership.leave(join.iface, join.group, join.source)
+        for group, source in join.expand():
+            self.membership.leave(join.iface, group, source)
 
     def list(self) -> list[dict[str, Any]]:
         return self.membership.list()

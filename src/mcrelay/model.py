@@ -219,7 +219,15 @@ class RouteKey:
 
 @dataclass(frozen=True)
 class Route:
-    """A static kernel multicast route: (S,G) or (*,G) from iif to oifs."""
+    """A static kernel multicast route from iif to oifs.
+
+    ``source`` is an address, a prefix ``S/LEN`` or None (any source);
+    ``group`` an address or a prefix ``G/LEN``; names may be ``prefix+``
+    wildcards. An exact (S,G) on a named iif goes into the kernel as it is;
+    anything wider is a *template*: each new (S,G) the kernel reports that it
+    matches is installed with its outputs (see kernel/engine.py). No outputs
+    make a stop filter.
+    """
 
     iif: IfName
     source: str | None
@@ -229,6 +237,23 @@ class Route:
     @property
     def family(self) -> int:
         return 6 if ":" in self.group else 4
+
+    @property
+    def is_template(self) -> bool:
+        """True unless this is one exact (S,G) on one named input interface."""
+        return (
+            self.source is None or "/" in self.source or "/" in self.group or is_wildcard(self.iif)
+        )
+
+    @property
+    def specificity(self) -> tuple[int, int, int]:
+        """Orders templates matching one (S,G): the source's prefix length first, then the
+        group's, then a named iif over a wildcard (larger wins)."""
+        return (
+            range_length(self.source),
+            range_length(self.group),
+            0 if is_wildcard(self.iif) else 1,
+        )
 
     @property
     def key(self) -> RouteKey:
@@ -243,33 +268,120 @@ class Route:
         }
 
 
+def is_wildcard(name: str) -> bool:
+    """``eth+``: every interface whose name starts with ``eth``, now and later (smcroute's form)."""
+    return name.endswith("+")
+
+
+def ifname_matches(pattern: str, name: str) -> bool:
+    """Does interface ``name`` fall under ``pattern`` (a name or a ``prefix+`` wildcard)?"""
+    return name.startswith(pattern[:-1]) if is_wildcard(pattern) else name == pattern
+
+
+def check_ifpattern(value: Any, field_name: str) -> str:
+    """An interface name or a wildcard ``prefix+`` (a name ending in '+' is always a wildcard)."""
+    name = check_ifname(value, field_name)
+    if name == "+":
+        raise InvalidParams(field_name, "'+' alone matches every interface; give a prefix (eth+)")
+    return name
+
+
+def _check_prefix(
+    value: Any, field_name: str, what: str
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    _expect(value, str, field_name, what)
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise InvalidParams(field_name, f"{_show(value)} is not {what}") from None
+
+
+def check_group_range(value: Any, field_name: str, *, kernel: bool) -> str:
+    """A group or a group prefix ``G/LEN`` (canonical: the network; a host length is the address).
+
+    Kernel routes refuse a range that lies wholly in the link-local scope the
+    kernel never forwards (a wider range simply never matches those groups).
+    """
+    if not (isinstance(value, str) and "/" in value):
+        return check_group(value, field_name, kernel=kernel)
+    net = _check_prefix(value, field_name, "a multicast group prefix (G/LEN)")
+    allowed = ipaddress.ip_network("224.0.0.0/4" if net.version == 4 else "ff00::/8")
+    if not net.subnet_of(allowed):  # type: ignore[arg-type]
+        raise InvalidParams(field_name, f"{net} is not within multicast {allowed}")
+    if net.prefixlen == net.max_prefixlen:
+        return check_group(str(net.network_address), field_name, kernel=kernel)
+    if kernel:
+        local = ipaddress.ip_network("224.0.0.0/24" if net.version == 4 else "ff02::/16")
+        if net.subnet_of(local):  # type: ignore[arg-type]
+            raise InvalidParams(
+                field_name, f"{net} is link-local: the kernel never forwards it; use a relay"
+            )
+    return str(net)
+
+
+def check_source_range(value: Any, field_name: str, family: int) -> str | None:
+    """A unicast source, a source prefix ``S/LEN``, or None / '*' for any source."""
+    if not (isinstance(value, str) and "/" in value):
+        return check_source(value, field_name, family)
+    net = _check_prefix(value, field_name, "a source prefix (S/LEN)")
+    if net.version != family:
+        raise InvalidParams(field_name, f"{net} is IPv{net.version}, the group is IPv{family}")
+    if net.prefixlen == 0:
+        return None  # every source: the same as '*'
+    if net.prefixlen == net.max_prefixlen:
+        return check_source(str(net.network_address), field_name, family)
+    if net.is_multicast:
+        raise InvalidParams(field_name, f"{net} cannot be a source prefix (it is multicast)")
+    return str(net)
+
+
+def range_length(text: str | None) -> int:
+    """Prefix length of a source/group as stored (an address is a host route, '*' is 0)."""
+    if text is None:
+        return 0
+    if "/" in text:
+        return int(text.rsplit("/", 1)[1])
+    return 128 if ":" in text else 32
+
+
+def in_range(address: str, text: str | None) -> bool:
+    """Is ``address`` the stored source/group, or inside its prefix ('*' holds everything)?"""
+    if text is None:
+        return True
+    if "/" not in text:
+        return ipaddress.ip_address(address) == ipaddress.ip_address(text)
+    return ipaddress.ip_address(address) in ipaddress.ip_network(text)
+
+
 def parse_route_key(params: Mapping[str, Any], where: str = "") -> RouteKey:
     p = f"{where}." if where else ""
-    iif = check_ifname(params.get("iif"), f"{p}iif")
-    group = check_group(params.get("group"), f"{p}group", kernel=True)
-    source = check_source(params.get("source"), f"{p}source", 6 if ":" in group else 4)
+    iif = check_ifpattern(params.get("iif"), f"{p}iif")
+    group = check_group_range(params.get("group"), f"{p}group", kernel=True)
+    source = check_source_range(params.get("source"), f"{p}source", 6 if ":" in group else 4)
     return RouteKey(iif, source, group)
 
 
 def parse_route(params: Any, where: str = "") -> Route:
-    """Validate a route from its JSON form ({iif, source?, group, oifs})."""
+    """Validate a route from its JSON form ({iif, source?, group, oifs}).
+
+    No outputs is a *stop filter*: an (S,G) with no outputs blocks that source
+    even where a wider (*,G/LEN) route would forward it.
+    """
     obj = _mapping(params, where or "params")
     _no_extra(obj, {"iif", "source", "group", "oifs"}, where)
     key = parse_route_key(obj, where)
     p = f"{where}." if where else ""
-    raw_oifs = _sequence(obj.get("oifs"), f"{p}oifs", MAX_OUTPUTS)
-    if not raw_oifs:
-        raise InvalidParams(f"{p}oifs", "at least one output interface is required")
+    raw_oifs = _sequence(obj.get("oifs", []), f"{p}oifs", MAX_OUTPUTS)
     oifs: list[Oif] = []
     for i, raw in enumerate(raw_oifs):
         f = f"{p}oifs[{i}]"
         if isinstance(raw, str):
-            oif = Oif(check_ifname(raw, f))
+            oif = Oif(check_ifpattern(raw, f))
         else:
             o = _mapping(raw, f)
             _no_extra(o, {"name", "ttl"}, f)
             oif = Oif(
-                check_ifname(o.get("name"), f"{f}.name"), check_ttl(o.get("ttl", 1), f"{f}.ttl")
+                check_ifpattern(o.get("name"), f"{f}.name"), check_ttl(o.get("ttl", 1), f"{f}.ttl")
             )
         if oif.name == key.iif:
             raise InvalidParams(
@@ -463,14 +575,42 @@ class GroupJoin:
     def to_dict(self) -> dict[str, Any]:
         return {"iface": self.iface, "group": self.group, "source": self.source or "*"}
 
+    def expand(self) -> list[tuple[str, str | None]]:
+        """Every (group, source) this rule joins: ranges (G/LEN, S/LEN) spelt out."""
+        sources: list[str | None] = [*_hosts(self.source)] or [None]
+        return [(g, s) for g in _hosts(self.group) for s in sources]
+
+
+MAX_JOINS_PER_RULE = 1024
+
+
+def _hosts(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    if "/" not in text:
+        return [text]
+    net = ipaddress.ip_network(text)
+    return [str(net.network_address + i) for i in range(net.num_addresses)]
+
 
 def parse_group_join(params: Any, where: str = "") -> GroupJoin:
+    """Validate a standing join; ``group`` and ``source`` may be ranges (at most 1,024 joins)."""
     obj = _mapping(params, where or "params")
     _no_extra(obj, {"iface", "group", "source"}, where)
     p = f"{where}." if where else ""
     iface = check_ifname(obj.get("iface"), f"{p}iface")
-    group = check_group(obj.get("group"), f"{p}group", kernel=False)
-    source = check_source(obj.get("source"), f"{p}source", 6 if ":" in group else 4)
+    group = check_group_range(obj.get("group"), f"{p}group", kernel=False)
+    source = check_source_range(obj.get("source"), f"{p}source", 6 if ":" in group else 4)
+    count = 1
+    for text in (group, source):
+        if text is not None and "/" in text:
+            count *= ipaddress.ip_network(text).num_addresses
+    if count > MAX_JOINS_PER_RULE:
+        raise InvalidParams(
+            f"{p}group",
+            f"{group}{f' from {source}' if source else ''} is {count} joins; "
+            f"at most {MAX_JOINS_PER_RULE} per rule (use a longer prefix)",
+        )
     return GroupJoin(iface, group, source)
 
 

@@ -18,8 +18,8 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import NoSuchRule, RuleExists
-from .model import GroupJoin, Relay, Route, RouteKey, RuleSet
+from .errors import InvalidParams, NoSuchRule, RuleExists
+from .model import MAX_OUTPUTS, GroupJoin, Relay, Route, RouteKey, RuleSet
 from .protocol import (
     ApplyCommand,
     Command,
@@ -43,6 +43,7 @@ class KernelRoutes(Protocol):
     """What the service needs of the kernel engine (kernel/engine.py)."""
 
     def add_route(self, route: Route, dry_run: bool = False) -> None: ...
+    def update_route(self, route: Route, dry_run: bool = False) -> None: ...
     def del_route(self, key: RouteKey, dry_run: bool = False) -> None: ...
     def replace(self, routes: Sequence[Route], dry_run: bool = False) -> Diff: ...
     def routes(self) -> Sequence[Any]: ...
@@ -153,8 +154,9 @@ class RuleService:
     def _route_add(self, cmd: RouteCommand) -> Any:
         route = cmd.route
         assert route is not None
-        if any(r.key == route.key for r in self.rules.routes):
-            raise RuleExists(str(route.key))
+        old = next((r for r in self.rules.routes if r.key == route.key), None)
+        if old is not None:
+            return self._route_extend(old, route, cmd.dry_run)
         self.kernel.add_route(route, dry_run=True)  # refusals the plan can see: no state write
         if not cmd.dry_run:
 
@@ -165,6 +167,30 @@ class RuleService:
             new = replace(self.rules, routes=(*self.rules.routes, route))
             self._persist_then(f"add {route.key}", new, apply)
         return {"route": route.to_dict(), "dry_run": cmd.dry_run}
+
+    def _route_extend(self, old: Route, more: Route, dry_run: bool) -> Any:
+        """``route add`` of an existing route adds its new outputs, as ``smcroutectl add`` does."""
+        have = {o.name for o in old.oifs}
+        added = tuple(o for o in more.oifs if o.name not in have)
+        if not added:
+            raise RuleExists(f"{old.key} (with these outputs)")
+        if len(old.oifs) + len(added) > MAX_OUTPUTS:
+            raise InvalidParams("oifs", f"a route has at most {MAX_OUTPUTS} outputs")
+        route = replace(old, oifs=(*old.oifs, *added))
+        self.kernel.update_route(route, dry_run=True)
+        if not dry_run:
+
+            def apply(tx: Transaction) -> None:
+                self.kernel.update_route(route)
+                tx.on_failure("restore outputs", lambda: self.kernel.update_route(old))
+
+            rest = tuple(route if r.key == old.key else r for r in self.rules.routes)
+            self._persist_then(f"extend {old.key}", replace(self.rules, routes=rest), apply)
+        return {
+            "route": route.to_dict(),
+            "extended": [o.to_dict() for o in added],
+            "dry_run": dry_run,
+        }
 
     def _route_del(self, cmd: RouteKeyCommand) -> Any:
         key = cmd.key

@@ -161,7 +161,9 @@ class Supervisor:
     def _run(self, rules: Any) -> int:
         interfaces = self.interfaces = InterfaceTable()
         kernel = self.kernel = KernelEngine(
-            interfaces.ifindex_of, learned_expiry=self.settings.learned_expiry
+            interfaces.ifindex_of,
+            learned_expiry=self.settings.learned_expiry,
+            names=lambda: [i.name for i in interfaces.all()],
         )
         try:
             kernel.open()

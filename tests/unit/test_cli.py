@@ -193,11 +193,30 @@ def test_route_add_second_word_not_an_address_is_refused_locally(
     assert daemon.requests == []
 
 
-def test_route_add_without_oif_is_refused_locally(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
-    run = mcrelay("route", "add", "eth0", "10.0.0.1", "239.1.1.1")
+def test_a_star_g_route_without_oif_is_refused_locally(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    run = mcrelay("route", "add", "eth0", "239.1.1.1")
     assert run.code == 1
     assert "oifs: at least one output interface is required" in run.err
     assert daemon.requests == []
+
+
+def test_an_s_g_route_without_oif_is_a_stop_filter(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    assert mcrelay("route", "add", "eth0", "10.0.0.1", "239.1.1.1").code == 0
+    assert daemon.last("route.add")["params"]["oifs"] == []
+
+
+def test_prefixes_are_sent_as_typed(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
+    daemon.replies["route.add"] = echo_route
+    assert mcrelay("route", "add", "up0", "10.0.0.0/8", "225.1.2.3/24", "dn+").code == 0
+    params = daemon.last("route.add")["params"]
+    assert (params["source"], params["group"], params["oifs"]) == (
+        "10.0.0.0/8",
+        "225.1.2.3/24",
+        ["dn+"],
+    )
 
 
 def test_route_del_star_g_and_s_g(daemon: FakeDaemon, mcrelay: Mcrelay) -> None:
@@ -401,7 +420,7 @@ def test_usage_errors_exit_1_with_usage(mcrelay: Mcrelay, argv: list[str]) -> No
 def test_help_exits_0(mcrelay: Mcrelay) -> None:
     run = mcrelay("route", "add", "--help")
     assert run.code == 0
-    assert "mcrelay route add IIF [SOURCE] GROUP OIF [OIF...]" in run.out
+    assert "mcrelay route add IIF [SOURCE[/LEN]] GROUP[/LEN] [OIF...]" in run.out
 
 
 def test_global_options_before_or_after_the_subcommand(

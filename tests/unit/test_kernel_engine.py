@@ -129,7 +129,10 @@ class Links:
 
 def make(links: Links | None = None, expiry: float = 60.0) -> tuple[KernelEngine, FakeKernel]:
     kernel = FakeKernel()
-    eng = KernelEngine(links or Links(), learned_expiry=expiry, socket_factory=kernel.socket)
+    links = links or Links()
+    eng = KernelEngine(
+        links, learned_expiry=expiry, socket_factory=kernel.socket, names=lambda: list(links.idx)
+    )
     eng.open()
     return eng, kernel
 
@@ -498,8 +501,8 @@ def test_star_g_learns_sources_and_expires_idle_ones() -> None:
     st = eng.routes()[0].to_dict()
     assert st["packets"] == 6 and st["bytes"] == 600
     assert st["learned"] == [
-        {"source": "192.0.2.10", "packets": 5, "bytes": 500},
-        {"source": "192.0.2.11", "packets": 1, "bytes": 100},
+        {"source": "192.0.2.10", "group": "239.5.5.5", "iif": "eth1", "packets": 5, "bytes": 500},
+        {"source": "192.0.2.11", "group": "239.5.5.5", "iif": "eth1", "packets": 1, "bytes": 100},
     ]
     assert eng.expire(30.0) == []  # counters moved: both active at t=30
     k.tables[4].counts[("192.0.2.10", "239.5.5.5")] = SgCount(9, 900, 0)
@@ -578,3 +581,103 @@ def test_ipv6_unavailable_runs_ipv4_only() -> None:
     with pytest.raises(KernelRefused):
         eng.replace([r("eth1", "2001:db8::1", "ff3e::1", "eth2")])
     assert len(eng.routes()) == 1
+
+
+# ---------------------------------------------------------------- templates (smcroute parity)
+
+
+def test_star_g_prefix_installs_each_group_in_range_and_nothing_outside() -> None:
+    eng, k = make(std_links())
+    eng.add_route(r("eth1", None, "225.1.2.0/24", "eth2"))
+    k.upcalls[4] += [
+        nocache(4, 0, "192.0.2.10", "225.1.2.3"),
+        nocache(4, 0, "192.0.2.10", "225.1.2.200"),
+        nocache(4, 0, "192.0.2.10", "225.1.3.1"),  # outside the /24
+    ]
+    eng.handle_readable(104, now=0.0)
+    assert set(k.tables[4].mfc) == {("192.0.2.10", "225.1.2.3"), ("192.0.2.10", "225.1.2.200")}
+    learned = state(eng)[0]["learned"]
+    assert {entry["group"] for entry in learned} == {"225.1.2.3", "225.1.2.200"}
+
+
+def test_the_most_specific_template_wins_and_exact_beats_every_template() -> None:
+    eng, k = make(std_links())
+    eng.add_route(r("eth1", None, "225.1.0.0/16", "eth2"))
+    eng.add_route(r("eth1", "192.0.2.0/24", "225.1.0.0/16", "eth3"))
+    eng.add_route(r("eth1", "192.0.2.10", "225.1.2.3", "eth4"))  # exact: in the kernel at once
+    k.upcalls[4] += [
+        nocache(4, 0, "198.51.100.7", "225.1.9.9"),  # only the (*,G/16) matches
+        nocache(4, 0, "192.0.2.99", "225.1.9.9"),  # (S/24,G/16) is more specific
+    ]
+    eng.handle_readable(104, now=0.0)
+    slot = {name: v.slot for name in ("eth2", "eth3", "eth4") if (v := eng.vifs(4).get(name))}
+    assert k.tables[4].mfc[("198.51.100.7", "225.1.9.9")][1] == {slot["eth2"]: 1}
+    assert k.tables[4].mfc[("192.0.2.99", "225.1.9.9")][1] == {slot["eth3"]: 1}
+    assert k.tables[4].mfc[("192.0.2.10", "225.1.2.3")][1] == {slot["eth4"]: 1}
+
+
+def test_a_stop_filter_blocks_a_source_a_wider_template_would_forward() -> None:
+    eng, k = make(std_links())
+    eng.add_route(r("eth1", None, "225.1.2.0/24", "eth2"))
+    eng.add_route(r("eth1", "192.0.2.66", "225.1.2.3"))  # no outputs: poison
+    assert k.tables[4].mfc[("192.0.2.66", "225.1.2.3")] == (0, {})
+    k.upcalls[4].append(nocache(4, 0, "192.0.2.66", "225.1.2.3"))
+    eng.handle_readable(104, now=0.0)
+    assert k.tables[4].mfc[("192.0.2.66", "225.1.2.3")] == (0, {})
+    assert [s["state"] for s in state(eng)] == ["active", "active"]
+
+
+def test_removing_a_template_removes_what_it_installed_and_nothing_else() -> None:
+    eng, k = make(std_links())
+    eng.add_route(r("eth1", None, "225.9.0.0/16", "eth2"))
+    narrow = r("eth1", None, "225.1.2.0/24", "eth3")
+    eng.add_route(narrow)
+    eng.add_route(r("eth1", "192.0.2.10", "225.1.2.77", "eth4"))
+    k.upcalls[4] += [
+        nocache(4, 0, "192.0.2.10", "225.1.2.3"),
+        nocache(4, 0, "192.0.2.10", "225.9.9.9"),
+    ]
+    eng.handle_readable(104, now=0.0)
+    eng.del_route(narrow.key)
+    assert set(k.tables[4].mfc) == {("192.0.2.10", "225.9.9.9"), ("192.0.2.10", "225.1.2.77")}
+
+
+def test_a_source_of_a_removed_template_follows_the_next_matching_one() -> None:
+    eng, k = make(std_links())
+    eng.add_route(r("eth1", None, "225.1.0.0/16", "eth2"))
+    narrow = r("eth1", None, "225.1.2.0/24", "eth3")
+    eng.add_route(narrow)
+    k.upcalls[4].append(nocache(4, 0, "192.0.2.10", "225.1.2.3"))
+    eng.handle_readable(104, now=0.0)
+    eth2 = eng.vifs(4).get("eth2")
+    assert eth2 is not None
+    eng.del_route(narrow.key)
+    assert k.tables[4].mfc[("192.0.2.10", "225.1.2.3")][1] == {eth2.slot: 1}
+    (wide,) = state(eng)
+    assert [e["group"] for e in wide["learned"]] == ["225.1.2.3"]
+
+
+def test_wildcard_interfaces_cover_every_match_now_and_later() -> None:
+    links = Links(eth1=11, eth2=12, up0=20)
+    eng, k = make(links)
+    eng.add_route(r("up0", "192.0.2.10", "239.7.7.7", "eth+"))
+    slots = {v.name for v in eng.vifs(4)}
+    assert slots == {"up0", "eth1", "eth2"}
+    links.idx["eth3"] = 13  # appears later
+    eng.reconcile()
+    assert {v.name for v in eng.vifs(4)} == {"up0", "eth1", "eth2", "eth3"}
+    assert len(k.tables[4].mfc[("192.0.2.10", "239.7.7.7")][1]) == 3
+
+
+def test_a_wildcard_input_learns_on_the_interface_the_stream_arrives_on() -> None:
+    links = Links(eth1=11, eth2=12, dn1=30)
+    eng, k = make(links)
+    eng.add_route(r("eth+", None, "239.8.8.8", "dn1", "eth+"))
+    eth2 = eng.vifs(4).get("eth2")
+    assert eth2 is not None
+    k.upcalls[4].append(nocache(4, eth2.slot, "192.0.2.10", "239.8.8.8"))
+    eng.handle_readable(104, now=0.0)
+    parent, oifs = k.tables[4].mfc[("192.0.2.10", "239.8.8.8")]
+    names = {v.slot: v.name for v in eng.vifs(4)}
+    assert names[parent] == "eth2"
+    assert {names[s] for s in oifs} == {"dn1", "eth1"}, "never back out of its own input"

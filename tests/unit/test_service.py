@@ -74,6 +74,13 @@ class FakeKernel:
         if not dry_run:
             self.installed[route.key] = route
 
+    def update_route(self, route: Route, dry_run: bool = False) -> None:
+        self._maybe_fail("update")
+        if route.key not in self.installed:
+            raise NoSuchRule(str(route.key))
+        if not dry_run:
+            self.installed[route.key] = route
+
     def del_route(self, key: RouteKey, dry_run: bool = False) -> None:
         self._maybe_fail("del")
         if key not in self.installed:

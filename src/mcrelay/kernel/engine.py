@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import KernelRefused, NoSuchRule, RuleExists, Unavailable, VifTableFull
-from ..model import Route, RouteKey
+from ..model import Route, RouteKey, ifname_matches, in_range, is_wildcard
 from .mroute import MrouteApi, MrouteSocket, Upcall, UpcallKind
 from .vifs import VifTable
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 State = Literal["active", "waiting"]
 Resolver = Callable[[str], int | None]
+Names = Callable[[], Iterable[str]]
 SocketFactory = Callable[[int], MrouteApi]
 
 # Kernel answers to deleting something that is already gone (for instance a
@@ -71,16 +72,24 @@ def _route_dict(route: Route) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class LearnedSource:
-    """A source learned for a (*,G) route, with its MFC entry's counters."""
+    """An (S,G) a template route installed from an upcall, with its MFC entry's counters."""
 
     source: str
     packets: int
     bytes: int
     wrong_if: int = 0
+    group: str = ""
+    iif: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"source": self.source, "packets": self.packets, "bytes": self.bytes}
+        return {
+            "source": self.source,
+            "group": self.group,
+            "iif": self.iif,
+            "packets": self.packets,
+            "bytes": self.bytes,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +173,9 @@ class Step:
 
 @dataclass(slots=True)
 class _Learned:
+    """An (S,G) seen in an upcall and installed for a template; ``iif`` is where it arrived."""
+
+    iif: str
     packets: int = 0
     bytes: int = 0
     wrong_if: int = 0
@@ -217,8 +229,10 @@ class KernelEngine:
         resolve: Resolver,
         learned_expiry: float = 60.0,
         socket_factory: SocketFactory = MrouteSocket,
+        names: Names = tuple,
     ) -> None:
         self._resolve = resolve
+        self._names_now = names  # every interface name there is (for eth+ wildcards)
         self.learned_expiry = learned_expiry
         self._factory = socket_factory
         self._socks: dict[int, MrouteApi] = {}
@@ -226,7 +240,7 @@ class KernelEngine:
         self._opened = False
         self._routes: dict[RouteKey, Route] = {}
         self._ifindex: dict[str, int | None] = {}
-        self._learned: dict[RouteKey, dict[str, _Learned]] = {}
+        self._learned: dict[MfcKey, _Learned] = {}
         self._k = _KernelState({4: VifTable(4), 6: VifTable(6)})
         self._dirty = False
         # (family, source, group) -> (input VIF slot, when) of unwanted NOCACHE upcalls.
@@ -294,7 +308,16 @@ class KernelEngine:
         if route.key in self._routes:
             raise RuleExists(str(route.key))
         self._check_sg_conflict(route, self._routes.values())
-        self._learn_names([route])
+        self._learn_names([route, *self._routes.values()])
+        routes = dict(self._routes)
+        routes[route.key] = route
+        self._apply(routes, self._learned, strict=frozenset({route.key}), dry_run=dry_run)
+
+    def update_route(self, route: Route, dry_run: bool = False) -> None:
+        """Replace the route of the same identity (its outputs change); NoSuchRule if unknown."""
+        if route.key not in self._routes:
+            raise NoSuchRule(str(route.key))
+        self._learn_names([route, *self._routes.values()])
         routes = dict(self._routes)
         routes[route.key] = route
         self._apply(routes, self._learned, strict=frozenset({route.key}), dry_run=dry_run)
@@ -304,8 +327,7 @@ class KernelEngine:
         if key not in self._routes:
             raise NoSuchRule(str(key))
         routes = {k: r for k, r in self._routes.items() if k != key}
-        learned = {k: v for k, v in self._learned.items() if k != key}
-        self._apply(routes, learned, strict=frozenset(), dry_run=dry_run)
+        self._apply(routes, self._learned, strict=frozenset(), dry_run=dry_run)
 
     def replace(self, routes: Sequence[Route], dry_run: bool = False) -> RouteDiff:
         """Make ``routes`` the whole route set in one transaction; return the diff.
@@ -326,8 +348,7 @@ class KernelEngine:
             removed=tuple(r for k, r in self._routes.items() if k not in new),
             changed=tuple(r for k, r in new.items() if k in self._routes and self._routes[k] != r),
         )
-        learned = {k: v for k, v in self._learned.items() if k in new}
-        self._apply(new, learned, strict=frozenset(new), dry_run=dry_run)
+        self._apply(new, self._learned, strict=frozenset(new), dry_run=dry_run)
         return diff
 
     def routes(self) -> list[RouteStatus]:
@@ -354,7 +375,7 @@ class KernelEngine:
         ``waiting``; absent outputs are left out of its MFC entry until they
         return. A route that no longer fits the VIF table waits too (logged).
         """
-        if not any(name in _names(r) for r in self._routes.values()):
+        if not any(name in self._concrete(r) for r in self._routes.values()):
             self._ifindex.pop(name, None)
             return
         if self._ifindex.get(name) == ifindex and not self._dirty:
@@ -370,7 +391,7 @@ class KernelEngine:
         route names changed index or presence, or an earlier rebuild failed.
         Raises KernelRefused if the kernel refuses; the caller retries.
         """
-        names = {n for r in self._routes.values() for n in _names(r)}
+        names = {n for r in self._routes.values() for n in self._concrete(r)}
         fresh = {n: self._resolve(n) for n in names}
         if fresh == self._ifindex and not self._dirty:
             return
@@ -411,35 +432,60 @@ class KernelEngine:
         vif = self._k.vifs[up.family].by_slot(up.vif)
         if vif is None:
             return
-        group, source = _canon(up.group), _canon(up.source)
-        key = RouteKey(vif.name, None, group)
-        mkey: MfcKey = (up.family, source, group)
-        route = self._routes.get(key)
-        if route is None or key not in self._k.active:
-            log.debug("no active (*,G) route for %s", up)
+        mkey: MfcKey = (up.family, _canon(up.source), _canon(up.group))
+        if mkey in self._k.mfc:
+            return
+        route = self._match(vif.name, mkey)
+        if route is None:
+            log.debug("no active template route for %s", up)
             self._remember(mkey, up.vif, now)
             return
-        self._learn(route, mkey, now)
+        self._learn(route, mkey, vif.name, now)
 
-    def _learn(self, route: Route, mkey: MfcKey, now: float) -> None:
+    def _match(
+        self,
+        iif: str,
+        mkey: MfcKey,
+        routes: Mapping[RouteKey, Route] | None = None,
+        active: Iterable[RouteKey] | None = None,
+    ) -> Route | None:
+        """The most specific active template route for (S,G) arriving on ``iif``."""
+        family, source, group = mkey
+        routes = self._routes if routes is None else routes
+        best: Route | None = None
+        for key in self._k.active if active is None else active:
+            route = routes.get(key)
+            if (
+                route is None
+                or not route.is_template
+                or route.family != family
+                or not ifname_matches(route.iif, iif)
+                or not in_range(source, route.source)
+                or not in_range(group, route.group)
+            ):
+                continue
+            if best is None or route.specificity > best.specificity:
+                best = route
+        return best
+
+    def _learn(self, route: Route, mkey: MfcKey, iif: str, now: float) -> None:
         family, source, group = mkey
         if mkey in self._k.mfc:
             return
-        spec = self._spec(route, self._k.vifs[family])
+        spec = self._spec(route, self._k.vifs[family], iif)
         if spec is None:
             return
         try:
             self._socks[family].add_mfc(source, group, spec.parent, spec.ttls())
         except KernelRefused as exc:
-            log.warning(
-                "could not install learned (%s, %s) for %s: %s", source, group, route.key, exc
-            )
+            log.warning("could not install (%s, %s) for %s: %s", source, group, route.key, exc)
             return
         self._k.mfc[mkey] = spec
         self._k.owner[mkey] = route.key
-        self._learned.setdefault(route.key, {})[source] = _Learned(last_active=now)
+        self._learned[mkey] = _Learned(iif, last_active=now)
         self._recent.pop(mkey, None)
-        log.info("learned source %s for %s", source, route.key)
+        what = "blocked" if not spec.oifs else "learned"
+        log.info("%s (%s, %s) on %s for %s", what, source, group, iif, route.key)
 
     def _remember(self, mkey: MfcKey, vif: int, now: float) -> None:
         if len(self._recent) >= RECENT_UPCALL_MAX:
@@ -454,81 +500,71 @@ class KernelEngine:
                 del self._recent[mkey]
 
     def _adopt_recent(self) -> None:
-        """Install sources whose packets the kernel holds for newly active (*,G) routes."""
+        """Install sources whose packets the kernel holds for newly active template routes."""
         if not self._recent:
             return
         now = time.monotonic()
         self._forget_old(now)
         for mkey, (vif_slot, _) in list(self._recent.items()):
-            family, _, group = mkey
-            vif = self._k.vifs[family].by_slot(vif_slot)
+            vif = self._k.vifs[mkey[0]].by_slot(vif_slot)
             if vif is None:
                 continue
-            key = RouteKey(vif.name, None, group)
-            route = self._routes.get(key)
-            if route is not None and key in self._k.active:
-                self._learn(route, mkey, now)
+            route = self._match(vif.name, mkey)
+            if route is not None:
+                self._learn(route, mkey, vif.name, now)
 
     def expire(self, now: float) -> list[tuple[RouteKey, str]]:
         """Remove learned (S,G) entries whose packet counter stood still too long.
 
-        Returns the (route, source) pairs removed. A removed source is learned
-        again by the next packet's upcall.
+        Also re-resolves a learned (S,G) whose packets now all arrive on
+        another interface. Returns the (route, source) pairs removed; a removed
+        source is learned again by its next packet's upcall.
         """
         removed: list[tuple[RouteKey, str]] = []
-        for key, sources in list(self._learned.items()):
-            family = 6 if ":" in key.group else 4
-            for source, rec in list(sources.items()):
-                mkey: MfcKey = (family, source, key.group)
-                installed = self._k.owner.get(mkey) == key
-                count = self._count(mkey) if installed else None
-                if (
-                    count is not None
-                    and count[2] > rec.wrong_if >= 0
-                    and (count[2] - rec.wrong_if >= count[0] - rec.packets)
-                ):
-                    # Every packet since the last look came in on another
-                    # interface (the kernel counts those as packets *and*
-                    # wrong-interface): the source moved. Drop the entry so the
-                    # next packet's upcall resolves it on the route of its new input.
-                    log.info(
-                        "source %s of %s now arrives on another interface; re-resolving",
-                        source,
-                        key,
-                    )
-                    if self._forget_learned(key, source, mkey):
-                        removed.append((key, source))
-                    continue
-                if count is not None and count[0] != rec.packets:
-                    rec.packets, rec.bytes, rec.wrong_if = count
-                    rec.last_active = now
-                    continue
-                if now - rec.last_active < self.learned_expiry:
-                    continue
-                if installed:
-                    try:
-                        self._del_mfc(family, source, key.group)
-                    except KernelRefused as exc:
-                        log.warning("could not expire (%s, %s): %s", source, key.group, exc)
-                        continue
-                    del self._k.mfc[mkey]
-                    del self._k.owner[mkey]
-                del sources[source]
-                removed.append((key, source))
-                log.info("expired idle source %s of %s", source, key)
-            if not sources:
-                del self._learned[key]
+        for mkey, rec in list(self._learned.items()):
+            owner = self._k.owner.get(mkey)
+            if owner is None:
+                del self._learned[mkey]
+                continue
+            count = self._count(mkey)
+            if (
+                count is not None
+                and count[2] > rec.wrong_if
+                and (count[2] - rec.wrong_if >= count[0] - rec.packets)
+            ):
+                # Every packet since the last look came in on another interface
+                # (the kernel counts those as packets *and* wrong-interface): the
+                # source moved. Drop the entry so the next packet's upcall
+                # resolves it on the route of its new input.
+                log.info(
+                    "(%s, %s) now arrives on another interface than %s; re-resolving",
+                    mkey[1],
+                    mkey[2],
+                    rec.iif,
+                )
+                if self._forget_learned(mkey):
+                    removed.append((owner, mkey[1]))
+                continue
+            if count is not None and count[0] != rec.packets:
+                rec.packets, rec.bytes, rec.wrong_if = count
+                rec.last_active = now
+                continue
+            if now - rec.last_active < self.learned_expiry:
+                continue
+            if self._forget_learned(mkey):
+                removed.append((owner, mkey[1]))
+                log.info("expired idle (%s, %s) of %s", mkey[1], mkey[2], owner)
         return removed
 
-    def _forget_learned(self, key: RouteKey, source: str, mkey: MfcKey) -> bool:
+    def _forget_learned(self, mkey: MfcKey) -> bool:
         try:
-            self._del_mfc(mkey[0], source, key.group)
+            self._del_mfc(*mkey)
         except KernelRefused as exc:
-            log.warning("could not remove (%s, %s): %s", source, key.group, exc)
+            log.warning("could not remove (%s, %s): %s", mkey[1], mkey[2], exc)
             return False
         self._k.mfc.pop(mkey, None)
         self._k.owner.pop(mkey, None)
-        self._learned.get(key, {}).pop(source, None)
+        self._learned.pop(mkey, None)
         return True
 
     # ------------------------------------------------------------ internals
@@ -543,46 +579,73 @@ class KernelEngine:
     @staticmethod
     def _check_sg_conflict(route: Route, others: Iterable[Route]) -> None:
         # The kernel keys MFC entries by (S,G) alone: one (S,G) can have one iif.
-        if route.source is None:
+        if route.is_template:
             return
         for other in others:
-            if other.source == route.source and other.group == route.group:
+            if not other.is_template and (other.source, other.group) == (
+                route.source,
+                route.group,
+            ):
                 raise RuleExists(str(other.key))
+
+    def _concrete(self, route: Route) -> list[str]:
+        """The interface names a route uses now: its names, wildcards expanded."""
+        patterns = [route.iif, *(o.name for o in route.oifs)]
+        if not any(is_wildcard(p) for p in patterns):
+            return patterns
+        present = list(self._names_now())
+        out: list[str] = []
+        for p in patterns:
+            for name in present if is_wildcard(p) else [p]:
+                if ifname_matches(p, name) and name not in out:
+                    out.append(name)
+        return out
+
+    def _oifs(self, route: Route, iif: str) -> list[tuple[str, int]]:
+        """(name, ttl) of a route's outputs for packets arriving on ``iif``, wildcards expanded."""
+        out: dict[str, int] = {}
+        present = list(self._names_now()) if any(is_wildcard(o.name) for o in route.oifs) else []
+        for o in route.oifs:
+            for name in present if is_wildcard(o.name) else [o.name]:
+                if name != iif and ifname_matches(o.name, name):
+                    out.setdefault(name, o.ttl)
+        return sorted(out.items())
 
     def _learn_names(self, routes: Iterable[Route]) -> None:
         for route in routes:
-            for name in _names(route):
+            for name in self._concrete(route):
                 if name not in self._ifindex:
                     self._ifindex[name] = self._resolve(name)
 
-    def _spec(self, route: Route, vifs: VifTable) -> MfcSpec | None:
-        iif = vifs.get(route.iif)
+    def _spec(self, route: Route, vifs: VifTable, iif_name: str | None = None) -> MfcSpec | None:
+        iif = vifs.get(iif_name or route.iif)
         if iif is None:
             return None
         oifs = []
-        for oif in route.oifs:
-            vif = vifs.get(oif.name)
+        for name, ttl in self._oifs(route, iif.name):
+            vif = vifs.get(name)
             if vif is not None:
-                oifs.append((vif.slot, vif.ifindex, oif.ttl))
+                oifs.append((vif.slot, vif.ifindex, ttl))
         return MfcSpec(iif.slot, iif.ifindex, tuple(sorted(oifs)))
 
     def _target(
         self,
         routes: Mapping[RouteKey, Route],
-        learned: Mapping[RouteKey, Mapping[str, _Learned]],
+        learned: Mapping[MfcKey, _Learned],
         strict: frozenset[RouteKey],
     ) -> _KernelState:
-        wanted = {n for r in routes.values() for n in _names(r)}
+        wanted = {n for r in routes.values() for n in self._concrete(r)}
         vifs = {f: t.planning_copy(wanted) for f, t in self._k.vifs.items()}
         target = _KernelState(vifs)
-        active: list[Route] = []
         for route in routes.values():
             if route.family not in self._socks:
                 continue
-            if self._ifindex.get(route.iif) is None:
+            names = self._concrete(route)
+            inputs = [n for n in names if ifname_matches(route.iif, n)]
+            if not any(self._ifindex.get(n) is not None for n in inputs):
                 continue
             table = vifs[route.family]
-            present = [(n, idx) for n in _names(route) if (idx := self._ifindex.get(n)) is not None]
+            present = [(n, idx) for n in names if (idx := self._ifindex.get(n)) is not None]
             taken: list[str] = []
             try:
                 for name, idx in present:
@@ -595,24 +658,25 @@ class KernelEngine:
                     raise
                 log.warning("%s waits: the IPv%d VIF table is full", route.key, route.family)
                 continue
-            active.append(route)
             target.active.add(route.key)
-        for route in active:
-            if route.source is not None:
-                spec = self._spec(route, vifs[route.family])
+            if not route.is_template:
+                spec = self._spec(route, table)
                 assert spec is not None
-                mkey = (route.family, route.source, route.group)
+                mkey = (route.family, str(route.source), route.group)
                 target.mfc[mkey] = spec
                 target.owner[mkey] = route.key
-        for route in active:
-            if route.source is None:
-                spec = self._spec(route, vifs[route.family])
-                assert spec is not None
-                for source in learned.get(route.key, {}):
-                    mkey = (route.family, source, route.group)
-                    if mkey not in target.mfc:
-                        target.mfc[mkey] = spec
-                        target.owner[mkey] = route.key
+        # Sources learned for templates go to the most specific template that
+        # matches them now (an exact (S,G) always wins: it is installed above).
+        for mkey, rec in learned.items():
+            if mkey in target.mfc:
+                continue
+            template = self._match(rec.iif, mkey, routes, target.active)
+            if template is None:
+                continue
+            spec = self._spec(template, vifs[template.family], rec.iif)
+            if spec is not None:
+                target.mfc[mkey] = spec
+                target.owner[mkey] = template.key
         return target
 
     def _plan(self, cur: _KernelState, new: _KernelState) -> list[Step]:
@@ -639,7 +703,7 @@ class KernelEngine:
     def _apply(
         self,
         routes: Mapping[RouteKey, Route],
-        learned: Mapping[RouteKey, dict[str, _Learned]],
+        learned: Mapping[MfcKey, _Learned],
         strict: frozenset[RouteKey],
         dry_run: bool = False,
     ) -> list[Step]:
@@ -650,8 +714,8 @@ class KernelEngine:
         run_transaction(steps)
         self._k = target
         self._routes = dict(routes)
-        self._learned = dict(learned)
-        referenced = {n for r in self._routes.values() for n in _names(r)}
+        self._learned = {k: v for k, v in learned.items() if k in target.mfc}
+        referenced = {n for r in self._routes.values() for n in self._concrete(r)}
         self._ifindex = {n: i for n, i in self._ifindex.items() if n in referenced}
         if steps:
             log.debug("applied %d kernel step(s): %s", len(steps), "; ".join(map(str, steps)))
@@ -733,16 +797,16 @@ class KernelEngine:
     def _status(self, route: Route) -> RouteStatus:
         if route.key not in self._k.active:
             return RouteStatus(route, "waiting")
-        if route.source is not None:
-            sg = self._count((route.family, route.source, route.group)) or (0, 0, 0)
+        if not route.is_template:
+            sg = self._count((route.family, str(route.source), route.group)) or (0, 0, 0)
             return RouteStatus(route, "active", *sg)
         learned: list[LearnedSource] = []
-        for source, rec in self._learned.get(route.key, {}).items():
-            mkey = (route.family, source, route.group)
-            c = self._count(mkey) if self._k.owner.get(mkey) == route.key else None
-            if c is None:
-                c = (rec.packets, rec.bytes, rec.wrong_if)
-            learned.append(LearnedSource(source, *c))
+        for mkey, owner in self._k.owner.items():
+            rec = self._learned.get(mkey)
+            if owner != route.key or rec is None:
+                continue
+            c = self._count(mkey) or (rec.packets, rec.bytes, rec.wrong_if)
+            learned.append(LearnedSource(mkey[1], *c, group=mkey[2], iif=rec.iif))
         return RouteStatus(
             route,
             "active",
@@ -751,7 +815,3 @@ class KernelEngine:
             sum(ls.wrong_if for ls in learned),
             tuple(learned),
         )
-
-
-def _names(route: Route) -> list[str]:
-    return [route.iif, *(o.name for o in route.oifs)]
