@@ -343,7 +343,8 @@ state file and are changed with \fBmcrelay\fR(8).
 error); \fB\-\-socket\fR, \fB\-\-state\fR, \fB\-\-workers\fR, \fB\-\-user\fR and
 \fB\-\-log\-level\fR override the file.
 .PP
-\fBsystemctl reload mcrelay\fR (SIGHUP) re\-reads the file. Settings marked
+\fBsystemctl reload mcrelay\fR (which runs \fBmcrelay reload\fR; SIGHUP does
+the same) re\-reads the file. Settings marked
 \(lqapplied on reload\(rq take effect at once; the others need
 \fBsystemctl restart mcrelay\fR, and the daemon logs which changed.
 .SH SETTINGS
@@ -383,8 +384,9 @@ def settings_markdown() -> str:
         "a bad value stops the daemon with a message naming the key. `--socket`,",
         "`--state`, `--workers`, `--user` and `--log-level` override the file.",
         "",
-        "`systemctl reload mcrelay` (SIGHUP) re-reads the file: keys marked *reload*",
-        "apply at once, the others need `systemctl restart mcrelay`.",
+        "`systemctl reload mcrelay` (which runs `mcrelay reload`; SIGHUP does the same)",
+        "re-reads the file: keys marked *reload* apply at once, the others need",
+        "`systemctl restart mcrelay`; `mcrelay reload` answers with what changed.",
         "",
         "The Debian package ships the file with every key commented out except",
         '`user = "mcrelay"`, the system user it creates.',

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 BACKOFF_START = 0.1
 BACKOFF_CAP = 5.0
 STABLE_AFTER = 10.0
+#: The exit status (EX_CONFIG) of a child that cannot drop to the configured user.
+EXIT_CONFIG = 78
 
 
 @dataclass
@@ -44,7 +46,10 @@ def describe_status(status: int) -> str:
         except ValueError:
             return f"killed by signal {sig}"
     if os.WIFEXITED(status):
-        return f"exit status {os.WEXITSTATUS(status)}"
+        code = os.WEXITSTATUS(status)
+        if code == EXIT_CONFIG:
+            return f"exit status {code} (cannot run as the configured user; see its log line)"
+        return f"exit status {code}"
     return f"status {status}"
 
 

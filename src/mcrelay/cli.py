@@ -70,6 +70,8 @@ VIEW_WORDS = {
     "worker": "workers",
 }
 SHOW_OF = {"route": "routes", "relay": "relays", "group": "groups"}  # `route show` = show routes
+# Commands taken only when spelt out: `rel` stays `relay`, as before `reload` existed.
+EXACT_COMMANDS = ("reload",)
 # Global options that take a value, so that value is not taken for a command word.
 _VALUE_OPTIONS = ("-o", "--output", "--socket", "-b", "--batch")
 _SHORT_VALUE = "ob"
@@ -398,6 +400,15 @@ def _build_status(cmds: Any, sub: Sub) -> None:
     sub(cmds, "status", cmd_status, "daemon health and summary")
 
 
+def _build_reload(cmds: Any, sub: Sub) -> None:
+    sub(
+        cmds,
+        "reload",
+        cmd_reload,
+        "re-read the daemon's settings file and say what changed (systemctl reload runs this)",
+    )
+
+
 def _build_apply(cmds: Any, sub: Sub) -> None:
     p = sub(cmds, "apply", cmd_apply, "replace the whole rule set from FILE in one transaction")
     p.add_argument("file", metavar="FILE", help="rule file as printed by export; - for stdin")
@@ -485,6 +496,8 @@ def resolve_argv(argv: Sequence[str]) -> Resolved:
     if not positions:
         return Resolved(out, None, batch)
     first = positions[0]
+    if out[first] in EXACT_COMMANDS:
+        return Resolved(out, out[first], batch)
     command = resolve_word(out[first], COMMAND_WORDS, "command", None)
     out[first] = command
     second = positions[1] if len(positions) > 1 else None
@@ -808,6 +821,35 @@ def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(ctx: Ctx, args: argparse.Namespace) -> int:
+    result = ctx.client.reload(dry_run=ctx.dry_run)
+    if ctx.json:
+        ctx.print_json(result)
+    else:
+        for line in reload_lines(result, ctx.dry_run):
+            ctx.print(line)
+    return EXIT_OK
+
+
+def reload_lines(result: dict[str, Any], dry_run: bool) -> list[str]:
+    """What ``mcrelay reload`` prints: the file read, what now applies, what needs a restart."""
+    source = result.get("config") or "built-in defaults (no settings file)"
+    changed = [str(k) for k in result.get("changed") or []]
+    restart = [str(k) for k in result.get("restart_required") or []]
+    if dry_run:
+        lines = [f"dry run: {source} read, nothing was changed"]
+        if changed:
+            lines.append(f"would apply: {', '.join(changed)}")
+    else:
+        lines = [f"settings re-read from {source}"]
+        lines.append(f"applied: {', '.join(changed)}" if changed else "applied: no change")
+    if restart:
+        lines.append(
+            f"changed but need a restart (systemctl restart mcrelay): {', '.join(restart)}"
+        )
+    return lines
+
+
 def read_rule_file(path: str, stdin: TextIO | None = None) -> dict[str, Any]:
     """The rules of an ``export``-format file ({"version": 1, routes, relays, groups}).
 
@@ -878,6 +920,7 @@ _BUILDERS: dict[str, Callable[[Any, Sub], None]] = {
     "stats": _build_stats,
     "trace": _build_trace,
     "status": _build_status,
+    "reload": _build_reload,
     "apply": _build_apply,
     "export": _build_export,
 }

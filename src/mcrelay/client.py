@@ -364,6 +364,14 @@ class Client:
         params["dry_run"] = dry_run
         return self._obj(self.request("relay.add", params))
 
+    def reflector_add(
+        self, name: str, reflect: Mapping[str, Any], dry_run: bool = False
+    ) -> JSONObject:
+        """Add a discovery reflector: ``reflect`` {proto | group+port, on, listen_only?,
+        source?, allow?} (see docs/discovery.md)."""
+        params: JSONObject = {"name": name, "reflect": dict(reflect), "dry_run": dry_run}
+        return self._obj(self.request("relay.add", params))
+
     def relay_del(self, name: str, dry_run: bool = False) -> JSONObject:
         """Delete the relay called ``name``."""
         return self._obj(self.request("relay.del", {"name": name, "dry_run": dry_run}))
@@ -415,6 +423,10 @@ class Client:
     def status(self) -> JSONObject:
         """Daemon health and summary (``daemon.status``)."""
         return self._obj(self.call("daemon.status"))
+
+    def reload(self, dry_run: bool = False) -> JSONObject:
+        """Re-read the settings file (``daemon.reload``); answers when done, with what changed."""
+        return self._obj(self.request("daemon.reload", {"dry_run": dry_run}))
 
     # ------------------------------------------------------------ whole rule set
 

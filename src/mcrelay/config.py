@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
-from .privileges import resolve_group
+from .privileges import PrivilegeDropFailed, resolve_group, resolve_user
 
 DEFAULT_CONFIG = "/etc/mcrelay/mcrelay.toml"
 DEFAULT_SOCKET = "/run/mcrelay/mcrelay.sock"
@@ -57,7 +57,15 @@ MAX_SOCKET_PATH = 107
 
 #: Settings SIGHUP applies at run time.
 RELOADABLE: frozenset[str] = frozenset(
-    {"log_level", "learned_expiry", "admin_group", "idle_timeout", "max_connections", "max_line"}
+    {
+        "log_level",
+        "learned_expiry",
+        "admin_group",
+        "idle_timeout",
+        "max_connections",
+        "max_line",
+        "metrics_per_relay",
+    }
 )
 #: Settings that only take effect when the daemon restarts (sockets bound,
 #: processes forked, privileges dropped at start).
@@ -86,6 +94,7 @@ class Settings:
     user: str = DEFAULT_USER
     log_level: str = DEFAULT_LOG_LEVEL
     metrics_listen: str | None = None
+    metrics_per_relay: bool = True
     learned_expiry: int = DEFAULT_LEARNED_EXPIRY
     max_line: int = DEFAULT_MAX_LINE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -237,6 +246,14 @@ def _metrics_listen(value: Any) -> str | None:
     return f"{host}:{int(port)}"
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _Bad(f"must be true or false, got {_show(value)}")
+
+
 def _learned_expiry(value: Any) -> int:
     return _int(value, 1, 86400, " seconds")
 
@@ -262,6 +279,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "user": _user,
     "log_level": _log_level,
     "metrics_listen": _metrics_listen,
+    "metrics_per_relay": _bool,
     "learned_expiry": _learned_expiry,
     "max_line": _max_line,
     "max_connections": _max_connections,
@@ -364,6 +382,35 @@ def apply_reload(old: Settings, new: Settings) -> Settings:
     ``old`` for everything that needs a restart."""
     keep = {k: getattr(old, k) for k in RESTART_ONLY}
     return Settings(**{**new.to_dict(), **keep}, config_path=new.config_path)
+
+
+def check_startup(settings: Settings, overrides: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before anything starts, settings only a child process would trip on.
+
+    The control process and the relay workers drop to ``user`` after they
+    start: an account that does not exist (or is root) would otherwise make
+    them exit at once, over and over, while the daemon had already said
+    ready. Raises :class:`ConfigError` naming the key and where it was set.
+    Only checked when running as root: an unprivileged daemon (tests) never
+    changes user.
+    """
+    if os.geteuid() != 0:
+        return
+    given = (overrides or {}).get("user") is not None
+    where = "--user" if given else f"{settings.config_path or 'default'}: user"
+    try:
+        uid, _ = resolve_user(settings.user)
+    except PrivilegeDropFailed:
+        raise ConfigError(
+            f"{where}: user {settings.user!r} does not exist; the control process and the "
+            "relay workers run as this account: create it (adduser --system) or set 'user' "
+            "to an existing unprivileged account"
+        ) from None
+    if uid == 0:
+        raise ConfigError(
+            f"{where}: user {settings.user!r} is root; the control process and the relay "
+            "workers must run as an unprivileged account"
+        )
 
 
 def socket_gid(settings: Settings) -> tuple[int, str | None]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
+from .children import EXIT_CONFIG
 from .control_messages import Call, ControlSettings, Reply
 from .errors import InvalidRequest, LimitExceeded, McrelayError, PermissionDenied
 from .ipc import Channel, ProtocolViolation, expect
@@ -453,10 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)
     channel = Channel(socket.socket(fileno=args.channel_fd), takes_fds=False)
-    from .privileges import drop_privileges
+    from .privileges import PrivilegeDropFailed, drop_privileges
 
     if os.geteuid() == 0:
-        drop_privileges(args.user)
+        try:
+            drop_privileges(args.user)
+        except PrivilegeDropFailed as exc:
+            # One line, no traceback: the supervisor logs each restart with its reason.
+            log.critical("%s", exc)
+            return EXIT_CONFIG
     msg, _ = channel.recv_message()
     settings = expect(msg, ControlSettings)
     logging.getLogger().setLevel(settings.log_level.upper())

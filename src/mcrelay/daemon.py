@@ -32,8 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="debug, info, warning or error (default info)",
     )
+    p.add_argument(
+        "--table",
+        metavar="N",
+        type=int,
+        help="multicast routing table (MRT_TABLE) of this instance; 0 = the default table",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the settings and the rule files, print what they hold, exit 0 or 1",
+    )
     p.add_argument("--version", action="version", version=f"mcrelayd {__version__}")
     return p
+
+
+def check(settings: Any) -> int:
+    """``mcrelayd --check``: the settings already loaded; read the rule files offline."""
+    from .rulefiles import load
+
+    try:
+        files = load(settings.rules)
+    except ConfigError as exc:
+        print(f"mcrelayd: {exc}", file=sys.stderr)
+        return 1
+    where = settings.config_path or "built-in defaults"
+    print(f"settings: {where}: ok")
+    rules = files.rules
+    for path in files.files:
+        print(f"rule file {path}: ok")
+    print(
+        f"{len(rules.routes)} route(s), {len(rules.relays)} relay(s), {len(rules.groups)} "
+        f"group join(s) from {len(files.files)} rule file(s)"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             ("workers", args.workers),
             ("user", args.user),
             ("log_level", args.log_level),
+            ("table", args.table),
         )
         if value is not None
     }
     # Imported late so `mcrelayd --help` works without pyroute2 installed.
-    from .config import load_settings
+    from .config import check_startup, load_settings
 
     try:
         settings = load_settings(args.config, overrides)
+        # Before anything starts: a setting only a child would trip on (the
+        # user it drops to) must stop mcrelayd here, not crash-loop the children.
+        if args.check:
+            return check(settings)
+        check_startup(settings, overrides)
     except ConfigError as exc:
         # Fatal, and logging is not set up yet: still stored as an error.
         print(f"{journal_prefix(logging.ERROR)}mcrelayd: {exc}", file=sys.stderr)

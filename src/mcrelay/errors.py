@@ -27,6 +27,7 @@ PERMISSION_DENIED = -32006
 STATE_WRITE_FAILED = -32007
 LIMIT_EXCEEDED = -32008
 UNAVAILABLE = -32009
+SETTINGS_INVALID = -32010
 
 
 class McrelayError(Exception):
@@ -159,6 +160,12 @@ class Unavailable(McrelayError):
     """The daemon cannot serve the request right now (starting, stopping)."""
 
     code = UNAVAILABLE
+
+
+class SettingsInvalid(McrelayError):
+    """A reload found the settings file unreadable or invalid; the old settings stay."""
+
+    code = SETTINGS_INVALID
 
 
 class StateFileError(Exception):

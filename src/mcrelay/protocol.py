@@ -136,6 +136,13 @@ def _no_params(method: str, params: dict[str, Any]) -> Command:
     return Command(method)
 
 
+def _dry_only(method: str, params: dict[str, Any]) -> Command:
+    dry = _dry_run(params)
+    if params:
+        raise InvalidParams(next(iter(params)), f"{method} takes only dry_run")
+    return Command(method, dry)
+
+
 def _route(method: str, params: dict[str, Any]) -> Command:
     dry = _dry_run(params)
     return RouteCommand(method, dry, route=parse_route(params))
@@ -198,6 +205,7 @@ _SPECS = [
     MethodSpec("config.apply", "admin", _apply, "replace the whole rule set"),
     MethodSpec("config.export", "read", _no_params, "the whole rule set"),
     MethodSpec("daemon.status", "read", _no_params, "daemon health and summary"),
+    MethodSpec("daemon.reload", "admin", _dry_only, "re-read the settings; what changed"),
 ]
 METHODS: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 

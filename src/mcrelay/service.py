@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import InvalidParams, NoSuchRule, RuleExists
+from .errors import InvalidParams, NoSuchRule, RuleExists, Unavailable
 from .model import MAX_OUTPUTS, GroupJoin, Relay, Route, RouteKey, RuleSet
 from .protocol import (
     ApplyCommand,
@@ -86,6 +86,7 @@ class RuleService:
         store: Store,
         status_extra: Callable[[], dict[str, Any]] | None = None,
         interfaces: Callable[[], list[dict[str, Any]]] | None = None,
+        reload: Callable[..., dict[str, Any]] | None = None,
     ) -> None:
         self.kernel = kernel
         self.relay_engine = relays
@@ -95,6 +96,7 @@ class RuleService:
         self.started = time.monotonic()
         self._status_extra = status_extra or dict
         self._interfaces = interfaces or list
+        self._reload = reload
 
     # ------------------------------------------------------------ start-up
 
@@ -380,6 +382,12 @@ class RuleService:
         status["warnings"] = [*extra.pop("warnings", []), *status["warnings"]]
         status.update(extra)
         return status
+
+    def _daemon_reload(self, cmd: Command) -> Any:
+        """Re-read the settings (the supervisor's reload, also run on SIGHUP); what changed."""
+        if self._reload is None:
+            raise Unavailable("this daemon cannot reload")
+        return self._reload(dry_run=cmd.dry_run)
 
     # ------------------------------------------------------------ tracing
 

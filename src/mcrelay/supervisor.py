@@ -29,11 +29,12 @@ from .config import (
     admin_gid,
     apply_reload,
     load_settings,
+    reloadable_changes,
     restart_required,
     socket_gid,
 )
 from .control_messages import Call, ControlSettings, Reply
-from .errors import INTERNAL_ERROR, McrelayError, StateFileError
+from .errors import INTERNAL_ERROR, ConfigError, McrelayError, SettingsInvalid, StateFileError
 from .ipc import Channel, ProtocolViolation
 from .kernel.engine import KernelEngine
 from .membership import GroupJoins, Membership
@@ -48,10 +49,11 @@ from .stats import MetricsExporter
 log = logging.getLogger("mcrelay")
 
 TICK = 0.5
-METRICS_EVERY = 2.0
 # Listings of relay counters first pull fresh ones from the workers, without
 # ever blocking the loop: the call waits (parked) at most this long.
 REFRESH_TIMEOUT = 0.25
+# A child whose back-off has doubled this many times in a row is crash-looping.
+CRASH_LOOP_STREAK = 3
 FRESH_COUNTER_METHODS = frozenset({"relay.list", "stats.get"})
 
 Handler = Callable[[int, float], None]  # (selector event mask, now)
@@ -71,6 +73,7 @@ class ControlChild:
     backoff: Backoff = field(default_factory=Backoff)
     next_start: float = 0.0
     started: float = 0.0
+    last_exit: str = ""
 
 
 @dataclass
@@ -134,7 +137,6 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._last_watchdog = 0.0
         self.metrics: MetricsExporter | None = None
-        self._last_metrics = -METRICS_EVERY
         self.interfaces: InterfaceTable | None = None
         self.kernel: KernelEngine | None = None
         self.membership: Membership | None = None
@@ -197,6 +199,7 @@ class Supervisor:
             self.store,
             status_extra=self._status_extra,
             interfaces=self._interface_list,
+            reload=self.reload,
         )
         relays.start()
         try:
@@ -236,16 +239,42 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot serve metrics on %s: %s", self.settings.metrics_listen, exc)
         else:
-            self._publish_metrics(time.monotonic())
+            exporter = self.metrics
+            self.sel.register(
+                exporter.fileno(),
+                selectors.EVENT_READ,
+                lambda mask, now: exporter.answer(self._metrics_snapshot),
+            )
 
-    def _publish_metrics(self, now: float) -> None:
-        if self.metrics is None or now - self._last_metrics < METRICS_EVERY:
-            return
-        self._last_metrics = now
-        try:
-            self.metrics.publish(self.service.execute(protocol.Command("stats.get")))
-        except Exception:
-            log.exception("collecting metrics failed")
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        """What one scrape shows, built in the loop when a scrape asks (stats.py), never idle.
+
+        Plain dicts only: the exporter's thread renders them without touching
+        the engines. Worker counters are those of the last periodic pull
+        (at most a second old), so a scrape never waits for a worker.
+        """
+        assert self.kernel is not None and self.relays is not None
+        rules = self.service.rules
+        processes = {"supervisor": os.getpid()}
+        if self.control.proc is not None:
+            processes["control"] = self.control.proc.pid
+        workers = self.relays.workers()
+        for w in workers:
+            if w.get("pid"):
+                processes[f"worker{w['index']}"] = int(w["pid"])
+        return {
+            "routes": [s.to_dict() for s in self.kernel.routes()],
+            "relays": self.relays.relays(),
+            "per_relay": self.settings.metrics_per_relay,
+            "workers": workers,
+            "rules": {
+                "routes": len(rules.routes),
+                "relays": len(rules.relays),
+                "groups": len(rules.groups),
+            },
+            "control_restarts": self.control.restarts,
+            "processes": processes,
+        }
 
     def _open_listener(self) -> socket.socket:
         gid, warning = socket_gid(self.settings)
@@ -370,7 +399,6 @@ class Supervisor:
             log.exception("relay manager tick failed")
         if self.control.proc is None and now >= self.control.next_start:
             self._start_control(now)
-        self._publish_metrics(now)
         interval = self.notifier.watchdog_interval()
         if interval is not None and now - self._last_watchdog >= interval:
             self._last_watchdog = now
@@ -448,10 +476,11 @@ class Supervisor:
         if self.stopping:
             return
         self.control.restarts += 1
+        self.control.last_exit = describe_status(status)
         delay = self._schedule_control(now, now - self.control.started)
         log.warning(
             "control process exited (%s); restarting in %.1fs (restart #%d)",
-            describe_status(status),
+            self.control.last_exit,
             delay,
             self.control.restarts,
         )
@@ -554,8 +583,32 @@ class Supervisor:
             "state_file": self.settings.state,
             "kernel": {"ipv4": 4 in families, "ipv6": 6 in families},
             "control_restarts": self.control.restarts,
-            "warnings": self.reconciler.warnings(),
+            "control_last_exit": self.control.last_exit or None,
+            "warnings": [*self._crash_loop_warnings(), *self.reconciler.warnings()],
         }
+
+    def _crash_loop_warnings(self) -> list[str]:
+        """Children restarted again and again without ever running stably, and why.
+
+        The back-off doubles with each quick death (children.py); from the
+        third one in a row the child is crash-looping, and `status` says so
+        with its last exit reason, which the log gives once per restart.
+        """
+        out = []
+        looping = CRASH_LOOP_STREAK
+        if self.control.backoff.streak >= looping:
+            out.append(
+                f"the control process keeps exiting ({self.control.restarts} restarts, last: "
+                f"{self.control.last_exit}); see the log"
+            )
+        if self.relays is not None:
+            for slot in self.relays.pool.slots:
+                if slot.backoff.streak >= looping:
+                    out.append(
+                        f"relay worker {slot.index} keeps exiting ({slot.restarts} restarts, "
+                        f"last: {slot.last_exit}); see the log"
+                    )
+        return out
 
     def _interface_list(self) -> list[dict[str, Any]]:
         assert self.kernel is not None and self.interfaces is not None
@@ -575,17 +628,60 @@ class Supervisor:
             f"{len(rules.groups)} group(s)"
         )
 
+    def _reload_steps(self) -> list[Callable[[str, bool], dict[str, Any]]]:
+        """What a reload does, in order; each step returns its part of the answer.
+
+        A step that fails raises :class:`McrelayError` after logging why: the
+        steps after it do not run and the caller (SIGHUP or `daemon.reload`)
+        gets that error. Further steps (re-applying rule files) are added here.
+        """
+        return [self._reload_settings]
+
+    def reload(self, origin: str = "mcrelay reload", dry_run: bool = False) -> dict[str, Any]:
+        """Re-read what can be re-read (SIGHUP and `daemon.reload`); the merged answers.
+
+        Runs in the loop, so the answer is sent when everything is applied;
+        systemd hears RELOADING=1 before and READY=1 after (also on failure:
+        the daemon keeps running with its old settings). A dry run changes
+        nothing and says what a reload would change.
+        """
+        if not dry_run:
+            self.notifier.reloading()
+        try:
+            answer: dict[str, Any] = {"dry_run": dry_run}
+            for step in self._reload_steps():
+                answer.update(step(origin, dry_run))
+            return answer
+        finally:
+            if not dry_run:
+                self.notifier.ready()
+                self._status_line()
+
     def _reload(self) -> None:
-        self.notifier.reloading()
+        """SIGHUP: as `mcrelay reload`; a failure is only logged (nobody waits for an answer)."""
+        with contextlib.suppress(McrelayError):
+            self.reload("SIGHUP")
+
+    def _reload_settings(self, origin: str, dry_run: bool) -> dict[str, Any]:
+        """Settings step: apply the reloadable keys now, name the ones needing a restart."""
         try:
             new = load_settings(self.config_path, self.overrides)
-        except Exception as exc:
-            log.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-            self.notifier.ready()
-            return
+        except ConfigError as exc:
+            log.error("%s: settings not reloaded, keeping the current ones: %s", origin, exc)
+            raise SettingsInvalid(
+                f"settings not reloaded, keeping the current ones: {exc}"
+            ) from None
+        applied = reloadable_changes(self.settings, new)
         needs = restart_required(self.settings, new)
+        answer = {
+            "config": new.config_path,
+            "changed": applied,
+            "restart_required": needs,
+        }
+        if dry_run:
+            return answer
         if needs:
-            log.warning("SIGHUP: %s change(s) need a restart to take effect", ", ".join(needs))
+            log.warning("%s: %s change(s) need a restart to take effect", origin, ", ".join(needs))
         logging.getLogger().setLevel(new.log_level.upper())
         if self.kernel is not None:
             self.kernel.learned_expiry = new.learned_expiry
@@ -593,8 +689,12 @@ class Supervisor:
         if self.control.channel is not None:
             self.control.channel.post(self._control_settings())
             self._watch_control()
-        log.info("SIGHUP: settings re-read")
-        self.notifier.ready()
+        log.info(
+            "%s: settings re-read%s",
+            origin,
+            f" (changed: {', '.join(applied)})" if applied else " (no change applied)",
+        )
+        return answer
 
     # ------------------------------------------------------------ shutdown
 

@@ -16,7 +16,9 @@ from mcrelay.config import (
     Settings,
     admin_gid,
     apply_reload,
+    check_startup,
     load_settings,
+    reloadable_changes,
     restart_required,
     socket_gid,
 )
@@ -67,6 +69,7 @@ def test_every_key_from_file(tmp_path: Path) -> None:
         user = "mcrelay-worker"
         log_level = "DEBUG"
         metrics_listen = "[::1]:9108"
+        metrics_per_relay = false
         learned_expiry = 120
         max_line = 65536
         max_connections = 8
@@ -83,6 +86,7 @@ def test_every_key_from_file(tmp_path: Path) -> None:
         "user": "mcrelay-worker",
         "log_level": "debug",
         "metrics_listen": "[::1]:9108",
+        "metrics_per_relay": False,
         "learned_expiry": 120,
         "max_line": 65536,
         "max_connections": 8,
@@ -131,6 +135,8 @@ def test_workers_auto(tmp_path: Path) -> None:
         ('metrics_listen = "1.2.3.4:0"', "port 1-65535"),
         ('metrics_listen = "::1:9108"', 'IPv6 as "[ADDR]:PORT"'),
         ('user = "bad user"', "user: must be a user name or a numeric id"),
+        ('metrics_per_relay = "no"', 'metrics_per_relay: must be true or false, got "no"'),
+        ("metrics_per_relay = 1", "metrics_per_relay: must be true or false, got 1"),
         ("socket_group = []", "socket_group: must be a group name or a numeric id, got an array"),
     ],
 )
@@ -202,6 +208,31 @@ def test_restart_required_and_apply_reload() -> None:
     merged = apply_reload(old, new)
     assert merged.workers == 2 and merged.socket == old.socket
     assert merged.log_level == "debug" and merged.idle_timeout == 10
+
+
+def test_reloadable_changes_are_the_applied_keys() -> None:
+    old = Settings(workers=2)
+    new = Settings(workers=4, log_level="debug", metrics_per_relay=False)
+    assert reloadable_changes(old, new) == ["log_level", "metrics_per_relay"]
+    assert reloadable_changes(old, old) == []
+
+
+def test_metrics_per_relay_from_the_command_line_spelling() -> None:
+    assert load_settings(None, {"metrics_per_relay": "false"}).metrics_per_relay is False
+    assert load_settings(None, {}).metrics_per_relay is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root changes user: checked only as root")
+def test_startup_refuses_a_user_that_does_not_exist(tmp_path: Path) -> None:
+    path = write(tmp_path, 'user = "no-such-user-mcrelay"\n')
+    with pytest.raises(ConfigError) as info:
+        check_startup(load_settings(path, {}))
+    assert str(info.value).startswith(f"{path}: user: user 'no-such-user-mcrelay' does not exist")
+    with pytest.raises(ConfigError, match=r"^--user: user 'nosuchuser' does not exist"):
+        check_startup(load_settings(None, {"user": "nosuchuser"}), {"user": "nosuchuser"})
+    with pytest.raises(ConfigError, match=r"^--user: user 'root' is root"):
+        check_startup(load_settings(None, {"user": "root"}), {"user": "root"})
+    check_startup(load_settings(None, {"user": "nobody"}), {"user": "nobody"})
 
 
 def test_group_resolution_falls_back_with_a_warning() -> None:

@@ -117,7 +117,8 @@ def test_control_fields(deb: Path) -> None:
     assert "python3:any (>= 3.11~)" in depends  # tomllib
     assert "systemd | systemd-standalone-sysusers" in depends  # postinst runs systemd-sysusers
     recommends = split_list(fields["Recommends"])
-    assert "python3-prometheus-client" in recommends  # metrics work after a plain install
+    # Metrics are served with the standard library: nothing to Recommend for them.
+    assert "python3-prometheus-client" not in recommends and "socat" in recommends
     # Each of these owns the kernel's one mroute socket, as mcrelayd does.
     assert set(split_list(fields["Conflicts"])) >= {"smcroute", "pimd", "mrouted"}
     assert int(fields["Installed-Size"]) > 0
@@ -340,8 +341,9 @@ def test_unit_file(extracted: Path, tmp_path: Path) -> None:
     assert settings["Type"] == ["notify"]
     assert settings["ExecStart"] == ["/usr/sbin/mcrelayd"]
     assert (extracted / "usr/sbin/mcrelayd").is_file()
-    # dash's builtin kill: no kill(1) binary is guaranteed on bookworm.
-    assert settings["ExecReload"] == ["/bin/sh -c 'kill -HUP \"$$MAINPID\"'"]
+    # A reload that answers when done (not an asynchronous SIGHUP), by the packaged CLI.
+    assert settings["ExecReload"] == ["/usr/bin/mcrelay reload"]
+    assert (extracted / "usr/bin/mcrelay").is_file()
     assert settings["Restart"] == ["on-failure"]
     assert settings["WatchdogSec"] == ["30s"]
     for directory in ("RuntimeDirectory", "StateDirectory", "ConfigurationDirectory"):
@@ -363,10 +365,12 @@ def test_unit_file(extracted: Path, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return  # the static checks above still ran
-    # verify insists ExecStart exists: point it at the wrapper extracted from the .deb.
+    # verify insists ExecStart and ExecReload exist: point them at the .deb's extracted ones.
     local = tmp_path / "mcrelay.service"
     local.write_text(
-        unit.replace("ExecStart=/usr/sbin/mcrelayd", f"ExecStart={extracted}/usr/sbin/mcrelayd")
+        unit.replace(
+            "ExecStart=/usr/sbin/mcrelayd", f"ExecStart={extracted}/usr/sbin/mcrelayd"
+        ).replace("ExecReload=/usr/bin/mcrelay", f"ExecReload={extracted}/usr/bin/mcrelay")
     )
     proc = subprocess.run(
         # The man pages are in the extracted tree (checked above), not installed here.

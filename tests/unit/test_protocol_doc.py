@@ -46,6 +46,8 @@ RESULT_SOURCES: tuple[tuple[str, str], ...] = (
     ("relay/counters.py", "Counters.worker?"),
     ("relay/trace.py", "record"),
     ("supervisor.py", "Supervisor._status_extra"),
+    ("supervisor.py", "Supervisor.reload"),
+    ("supervisor.py", "Supervisor._reload_settings"),
     ("service.py", "*"),  # every method of the service: the replies themselves
 )
 

@@ -25,9 +25,10 @@ import sys
 import time
 from typing import Any
 
+from mcrelay.children import EXIT_CONFIG
 from mcrelay.ipc import Channel, Ping, Pong
 from mcrelay.logsetup import configure
-from mcrelay.privileges import become_unprivileged
+from mcrelay.privileges import PrivilegeDropFailed, become_unprivileged
 from mcrelay.relay import messages as m
 from mcrelay.relay import table as tbl
 from mcrelay.relay.egress import Dest, EgressKey, open_egress
@@ -440,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         return w.run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return 0
+    except PrivilegeDropFailed as exc:
+        # One line, no traceback: the supervisor logs the exit and restarts us
+        # with back-off; a traceback per restart would flood the journal.
+        log.critical("%s", exc)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":
