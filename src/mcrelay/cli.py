@@ -317,22 +317,59 @@ def _build_route(cmds: Any, sub: Sub) -> None:
 def _build_relay(cmds: Any, sub: Sub) -> None:
     relay = sub(cmds, "relay", None, "userspace relays (re-address, unicast, DSCP, fan-out)")
     relay_cmds = relay.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = sub(relay_cmds, "add", cmd_relay_add, "add a relay")
+    p = sub(
+        relay_cmds,
+        "add",
+        cmd_relay_add,
+        "add a relay (--in/--out) or a discovery reflector (--reflect/--on)",
+        usage="mcrelay relay add NAME --in GROUP:PORT@IIF --out SPEC [--out SPEC...] "
+        "[--mode packet|socket] [--source ADDR...]\n"
+        "       mcrelay relay add NAME --reflect PROTO|GROUP:PORT --on IF,IF[,IF...] "
+        "[--listen-only IF,...] [--source keep|own] [--allow PREFIX,...]",
+    )
     p.add_argument("name", metavar="NAME", help="relay name (letters, digits, . _ - : @ [ ])")
     p.add_argument(
         "--in",
         dest="input",
-        required=True,
         metavar="GROUP:PORT@IIF",
-        help="what to receive: a group (or a unicast address of this host), port, interface",
+        help="what to receive: a group (or a unicast address of this host, or "
+        "255.255.255.255 for broadcast), port, interface",
     )
     p.add_argument(
         "--out",
         dest="outputs",
         action="append",
-        required=True,
+        default=[],
         metavar="SPEC",
-        help="ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]; repeat for more outputs (at most 32)",
+        help="ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS][,src=keep|own]; repeat for more outputs "
+        "(at most 32); src=keep sends with the original sender's address and port",
+    )
+    p.add_argument(
+        "--reflect",
+        metavar="PROTO|GROUP:PORT",
+        help="a reflector over the --on interfaces: mdns, ssdp, llmnr, wsd, wol, "
+        "GROUP:PORT or broadcast:PORT",
+    )
+    p.add_argument(
+        "--on",
+        action="append",
+        default=[],
+        metavar="IF,IF[,IF...]",
+        help="reflector members: a packet heard on one is sent on every other",
+    )
+    p.add_argument(
+        "--listen-only",
+        action="append",
+        default=[],
+        metavar="IF,...",
+        help="reflector members that are heard but never sent to",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PREFIX,...",
+        help="reflect only packets whose source is in these prefixes",
     )
     p.add_argument("--mode", choices=("packet", "socket"), help="ingress mode (default packet)")
     p.add_argument(
@@ -342,7 +379,8 @@ def _build_relay(cmds: Any, sub: Sub) -> None:
         nargs="+",
         default=[],
         metavar="ADDR",
-        help="relay only packets from these sources (also joins source-specific)",
+        help="with --in: relay only packets from these sources (also joins source-specific); "
+        "with --reflect: keep (default: the sender's address and port) or own (this router's)",
     )
     p = sub(relay_cmds, "del", cmd_relay_del, "delete a relay (also: relay delete)")
     p.add_argument("name", metavar="NAME")
@@ -643,6 +681,8 @@ def _relay_output(text: str, index: int) -> dict[str, Any]:
     }
     if spec.get("oif") is not None:
         out["oif"] = spec["oif"]
+    if "src" in spec:
+        out["src"] = spec["src"]
     if "ttl" in spec:
         out["ttl"] = check_ttl(spec["ttl"], f"{where}.ttl")
     if "dscp" in spec:
@@ -650,7 +690,34 @@ def _relay_output(text: str, index: int) -> dict[str, Any]:
     return out
 
 
+def _csv(items: Sequence[str]) -> list[str]:
+    return [s.strip() for item in items for s in item.split(",") if s.strip()]
+
+
+def _reflect_params(args: argparse.Namespace) -> dict[str, Any]:
+    from .model import parse_reflect_spec
+
+    spec = parse_reflect_spec(args.reflect)
+    spec["on"] = _csv(args.on)
+    if args.listen_only:
+        spec["listen_only"] = _csv(args.listen_only)
+    if args.sources:
+        if len(args.sources) != 1 or args.sources[0] not in ("keep", "own"):
+            raise InvalidParams(
+                "reflect.source", f"with --reflect, --source is keep or own, got {args.sources}"
+            )
+        spec["source"] = args.sources[0]
+    if args.allow:
+        spec["allow"] = _csv(args.allow)
+    return spec
+
+
 def cmd_relay_add(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.reflect is not None:
+        spec = _reflect_params(args)
+        result = ctx.client.reflector_add(args.name, spec, dry_run=ctx.dry_run)
+        sent = {"name": args.name, "reflect": spec}
+        return _show_mutation(ctx, result, "relay", sent, "add", "added")
     inp = _relay_input(args)
     outputs = [_relay_output(text, i) for i, text in enumerate(args.outputs)]
     result = ctx.client.relay_add(args.name, inp, outputs, mode=args.mode, dry_run=ctx.dry_run)
@@ -1143,7 +1210,24 @@ def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
     args = build_parser(resolved.command).parse_args(resolved.argv)
     if getattr(args, "force", False):
         raise UsageError("", "--force goes with --batch FILE", resolved.command)
+    if getattr(args, "handler", None) is cmd_relay_add:
+        _relay_add_usage(args)
     return args
+
+
+def _relay_add_usage(args: argparse.Namespace) -> None:
+    """``relay add`` is either --in/--out or --reflect/--on: argparse cannot say that."""
+    if args.reflect is not None:
+        if args.input is not None or args.outputs:
+            raise UsageError(
+                "", "--reflect replaces --in and --out; give one or the other", "relay"
+            )
+        if not args.on:
+            raise UsageError("", "--reflect needs --on IF,IF[,IF...]", "relay")
+    elif args.on or args.listen_only or args.allow:
+        raise UsageError("", "--on, --listen-only and --allow belong to --reflect", "relay")
+    elif args.input is None or not args.outputs:
+        raise UsageError("", "a relay needs --in and --out (or --reflect and --on)", "relay")
 
 
 def _usage_error(exc: UsageError, err: TextIO) -> int:

@@ -173,6 +173,26 @@ def output_text(out: Any) -> str:
     dscp = _get(out, "dscp")
     if dscp not in (None, 0, "0"):
         text += f",dscp={dscp_name(dscp)}"
+    if _get(out, "src") == "keep":
+        text += ",src=keep"
+    return text
+
+
+def reflect_text(spec: Any) -> str:
+    """A reflector as ``mdns on up0,dn1 listen-only dn2 src=keep allow 10.0.0.0/8``."""
+    what = _get(spec, "proto")
+    if what is None:
+        group = _get(spec, "group")
+        host = "broadcast" if group == "255.255.255.255" else _host(group)
+        what = f"{host}:{_get(spec, 'port', MISSING)}"
+    text = f"{what} on {','.join(str(i) for i in _list(spec, 'on'))}"
+    listen = _list(spec, "listen_only")
+    if listen:
+        text += f" listen-only {','.join(str(i) for i in listen)}"
+    text += f" src={_get(spec, 'source', 'keep')}"
+    allow = _list(spec, "allow")
+    if allow:
+        text += f" allow {','.join(str(a) for a in allow)}"
     return text
 
 
@@ -188,6 +208,8 @@ def describe_route(route: Any) -> str:
 def describe_relay(relay: Any) -> str:
     """``relay tv1: 239.1.1.1:5000@eth0 -> 239.2.2.2:6000@eth1,ttl=16 (packet)``."""
     text = f"relay {_get(relay, 'name', MISSING)}"
+    if "reflect" in relay:
+        return f"{text}: reflect {reflect_text(_get(relay, 'reflect'))}"
     if "input" in relay:
         text += f": {input_text(_get(relay, 'input'))}"
     outputs = _list(relay, "outputs")
@@ -289,6 +311,41 @@ def _addr_key(text: Any) -> str:
         return "" if text in (None, "*") else str(text)
 
 
+def _reflector_rows(rows: list[list[Cell]], r: Any, total: Any, verbose: bool) -> None:
+    """A reflector's row, then one per member: ``<> IF`` heard (PACKETS) and sent (BYTES...)."""
+    rows.append(
+        [
+            _get(r, "name"),
+            _get(r, "state"),
+            "reflect",
+            reflect_text(_get(r, "reflect")),
+            human(_get(r, "packets"), verbose),
+            human(_get(r, "bytes"), verbose),
+            human(total, verbose),
+        ]
+    )
+    for mem in _list(r, "members"):
+        role = "<-" if _get(mem, "role") == "listen-only" else "<>"
+        state = "" if _get(mem, "state") == "active" else f" ({_get(mem, 'state')})"
+        heard = human(_get(mem, "received"), verbose)
+        rows.append(
+            [
+                "",
+                "",
+                "",
+                f"{role} {_get(mem, 'name')}{state} heard {heard}",
+                human(_get(mem, "packets"), verbose),
+                human(_get(mem, "bytes"), verbose),
+                human(_get(mem, "errors"), verbose),
+            ]
+        )
+    drops = _get(r, "drops")
+    if verbose and isinstance(drops, Mapping):
+        detail = " ".join(f"{k}={drops[k]}" for k in sorted(drops) if drops[k])
+        if detail:
+            rows.append(["", "", "", f"drops: {detail}", "", "", ""])
+
+
 def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
     """Relays, each followed by its outputs (``-> SPEC``) with their own counters.
 
@@ -313,6 +370,9 @@ def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
             total = sum(v for v in drops.values() if isinstance(v, int))
         elif isinstance(drops, int):
             total = drops
+        if "reflect" in r:
+            _reflector_rows(rows, r, total, verbose)
+            continue
         rows.append(
             [
                 _get(r, "name"),

@@ -28,6 +28,9 @@ DEFAULT_UNICAST_TTL = 64
 IfName = str
 Mode = Literal["packet", "socket"]
 MODES: tuple[Mode, ...] = ("packet", "socket")
+SourceMode = Literal["keep", "own"]
+SOURCE_MODES: tuple[SourceMode, ...] = ("keep", "own")
+LIMITED_BROADCAST = "255.255.255.255"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\[\]-]*$")
 
@@ -427,13 +430,21 @@ class RelayInput:
 
 @dataclass(frozen=True)
 class RelayOutput:
-    """One destination of a relay: multicast (with oif) or unicast, with TTL and DSCP."""
+    """One destination of a relay: multicast or broadcast (with oif) or unicast.
+
+    ``src`` says whose source address the packets carry: ``own`` (the router's,
+    sent from an ordinary UDP socket) or ``keep`` (the original sender's
+    address and port, written into the IP header on a raw socket, so unicast
+    answers go straight back to the sender). ``ttl`` 0 exists only in a
+    reflector's expanded legs: the packet keeps the TTL it arrived with.
+    """
 
     address: str
     port: int
     oif: IfName | None
     ttl: int
     dscp: int = 0
+    src: SourceMode = "own"
 
     @property
     def family(self) -> int:
@@ -444,12 +455,17 @@ class RelayOutput:
         return ipaddress.ip_address(self.address).is_multicast
 
     def spec(self) -> str:
-        """The CLI spelling, ADDR:PORT[@OIF][,ttl=N][,dscp=N]."""
+        """The CLI spelling, ADDR:PORT[@OIF][,ttl=N][,dscp=N][,src=keep]."""
         host = f"[{self.address}]" if self.family == 6 else self.address
         text = f"{host}:{self.port}"
         if self.oif:
             text += f"@{self.oif}"
-        return f"{text},ttl={self.ttl},dscp={self.dscp}"
+        text = f"{text},ttl={self.ttl},dscp={self.dscp}"
+        return text + ",src=keep" if self.src == "keep" else text
+
+    @property
+    def is_broadcast(self) -> bool:
+        return self.address == LIMITED_BROADCAST
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -458,25 +474,81 @@ class RelayOutput:
             "oif": self.oif,
             "ttl": self.ttl,
             "dscp": self.dscp,
+            "src": self.src,
         }
 
 
 @dataclass(frozen=True)
+class Reflect:
+    """A discovery reflector: ``endpoints`` (group or broadcast, port; per family) on members.
+
+    A packet arriving on any member (``on`` or ``listen_only``) is sent to the
+    same address and port on every ``on`` member but the one it came from;
+    ``listen_only`` members are heard but never sent to. ``proto`` is the preset
+    name, or None for a GROUP:PORT given by hand. ``allow`` holds source
+    prefixes (empty: any source).
+    """
+
+    proto: str | None
+    endpoints: tuple[tuple[str, int], ...]
+    on: tuple[IfName, ...]
+    listen_only: tuple[IfName, ...] = ()
+    source: SourceMode = "keep"
+    allow: tuple[str, ...] = ()
+
+    @property
+    def members(self) -> tuple[IfName, ...]:
+        return self.on + self.listen_only
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.proto is not None:
+            d["proto"] = self.proto
+        else:
+            d["group"], d["port"] = self.endpoints[0]
+        d["on"] = list(self.on)
+        d["listen_only"] = list(self.listen_only)
+        d["source"] = self.source
+        d["allow"] = list(self.allow)
+        return d
+
+
+@dataclass(frozen=True)
 class Relay:
-    """A userspace relay rule: one input, up to 32 outputs."""
+    """A userspace relay rule: one input, up to 32 outputs; or a reflector.
+
+    A reflector (``reflect`` set) is one rule over N interfaces. Its ``input``
+    is its first leg's (the first member and endpoint), kept so that code
+    needing one input (names, listings) has one; :meth:`legs` gives the one-way
+    relays it stands for, which are what the engine installs.
+    """
 
     name: str
     input: RelayInput
     outputs: tuple[RelayOutput, ...]
     mode: Mode = "packet"
+    reflect: Reflect | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.reflect is not None:
+            return {"name": self.name, "reflect": self.reflect.to_dict(), "mode": self.mode}
         return {
             "name": self.name,
             "input": self.input.to_dict(),
             "outputs": [o.to_dict() for o in self.outputs],
             "mode": self.mode,
         }
+
+    def legs(self) -> tuple[Relay, ...]:
+        """The one-way relays this rule is made of: itself, or one per reflector member
+        and endpoint (members that would have no output have no leg)."""
+        if self.reflect is None:
+            return (self,)
+        return reflect_legs(self.name, self.reflect)
+
+    def input_keys(self) -> frozenset[tuple[str, str, int]]:
+        """Every (iif, address, port) this rule listens on; two rules may not share one."""
+        return frozenset(leg.input.key for leg in self.legs())
 
 
 def parse_relay_input(raw: Any, where: str) -> RelayInput:
@@ -501,7 +573,7 @@ def parse_relay_input(raw: Any, where: str) -> RelayInput:
 
 def parse_relay_output(raw: Any, where: str, family: int) -> RelayOutput:
     obj = _mapping(raw, where)
-    _no_extra(obj, {"address", "port", "oif", "ttl", "dscp"}, where)
+    _no_extra(obj, {"address", "port", "oif", "ttl", "dscp", "src"}, where)
     addr = check_address(obj.get("address"), f"{where}.address")
     if addr.version != family:
         raise InvalidParams(
@@ -514,10 +586,15 @@ def parse_relay_output(raw: Any, where: str, family: int) -> RelayOutput:
     oif = None if oif_raw is None else check_ifname(oif_raw, f"{where}.oif")
     if addr.is_multicast and oif is None:
         raise InvalidParams(f"{where}.oif", "a multicast output needs an interface (ADDR:PORT@OIF)")
+    if str(addr) == LIMITED_BROADCAST and oif is None:
+        raise InvalidParams(
+            f"{where}.oif", "a broadcast output needs an interface (255.255.255.255:PORT@OIF)"
+        )
     default_ttl = DEFAULT_MCAST_TTL if addr.is_multicast else DEFAULT_UNICAST_TTL
     ttl = check_ttl(obj.get("ttl", default_ttl), f"{where}.ttl")
     dscp = check_dscp(obj.get("dscp", 0), f"{where}.dscp")
-    return RelayOutput(str(addr), port, oif, ttl, dscp)
+    src = check_source_mode(obj.get("src", "own"), f"{where}.src")
+    return RelayOutput(str(addr), port, oif, ttl, dscp, src)
 
 
 def derive_relay_name(inp: RelayInput) -> str:
@@ -526,10 +603,13 @@ def derive_relay_name(inp: RelayInput) -> str:
 
 
 def parse_relay(params: Any, where: str = "") -> Relay:
-    """Validate a relay from its JSON form ({name?, input, outputs, mode?})."""
+    """Validate a relay from its JSON form ({name?, input, outputs, mode?}) or a
+    reflector's ({name, reflect, mode?})."""
     obj = _mapping(params, where or "params")
-    _no_extra(obj, {"name", "input", "outputs", "mode"}, where)
     p = f"{where}." if where else ""
+    if "reflect" in obj:
+        return _parse_reflector(obj, where)
+    _no_extra(obj, {"name", "input", "outputs", "mode"}, where)
     inp = parse_relay_input(obj.get("input"), f"{p}input")
     name = obj.get("name")
     name = derive_relay_name(inp) if name is None else check_name(name, f"{p}name")
@@ -549,8 +629,132 @@ def parse_relay(params: Any, where: str = "") -> Relay:
             )
         if any((o.address, o.port, o.oif) == (out.address, out.port, out.oif) for o in outputs):
             raise InvalidParams(f, f"duplicate output {out.address}:{out.port}")
+        if out.src == "keep" and mode != "packet":
+            raise InvalidParams(
+                f"{f}.src", "src=keep needs --mode packet (socket mode never sees the sender)"
+            )
         outputs.append(out)
     return Relay(name, inp, tuple(outputs), mode)
+
+
+# Well-known discovery groups, each for both families where both exist.
+REFLECT_PRESETS: dict[str, tuple[tuple[str, int], ...]] = {
+    "mdns": (("224.0.0.251", 5353), ("ff02::fb", 5353)),
+    "ssdp": (("239.255.255.250", 1900), ("ff02::c", 1900)),
+    "llmnr": (("224.0.0.252", 5355), ("ff02::1:3", 5355)),
+    "wsd": (("239.255.255.250", 3702), ("ff02::c", 3702)),
+    "wol": ((LIMITED_BROADCAST, 9),),
+}
+MDNS_PORT = 5353
+MDNS_TTL = 255  # RFC 6762 section 11: receivers drop mDNS with any other TTL/hop limit
+_MDNS_GROUPS = frozenset({"224.0.0.251", "ff02::fb"})
+MAX_MEMBERS = MAX_OUTPUTS + 1
+MAX_ALLOW = 64
+
+
+def is_mdns(address: str, port: int) -> bool:
+    """The mDNS group and port of either family (such packets leave from port 5353, TTL 255)."""
+    return port == MDNS_PORT and address in _MDNS_GROUPS
+
+
+def check_source_mode(value: Any, field_name: str) -> SourceMode:
+    if value not in SOURCE_MODES:
+        raise InvalidParams(
+            field_name, f"must be one of {', '.join(SOURCE_MODES)}, got {_show(value)}"
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def _member_list(raw: Any, field_name: str) -> tuple[IfName, ...]:
+    names: list[str] = []
+    for i, v in enumerate(_sequence(raw, field_name, MAX_MEMBERS)):
+        name = check_ifname(v, f"{field_name}[{i}]")
+        if name in names:
+            raise InvalidParams(f"{field_name}[{i}]", f"duplicate interface {name}")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_reflect(raw: Any, where: str) -> Reflect:
+    """Validate a reflector spec: {proto | group+port, on, listen_only?, source?, allow?}."""
+    obj = _mapping(raw, where)
+    _no_extra(obj, {"proto", "group", "port", "on", "listen_only", "source", "allow"}, where)
+    proto = obj.get("proto")
+    if proto is not None:
+        if "group" in obj or "port" in obj:
+            raise InvalidParams(f"{where}.proto", "give either proto or group and port, not both")
+        if proto not in REFLECT_PRESETS:
+            raise InvalidParams(
+                f"{where}.proto",
+                f"unknown preset {_show(proto)}; allowed: {', '.join(REFLECT_PRESETS)} "
+                "(or group and port)",
+            )
+        endpoints = REFLECT_PRESETS[proto]
+    else:
+        addr = check_address(obj.get("group"), f"{where}.group")
+        if not (addr.is_multicast or str(addr) == LIMITED_BROADCAST):
+            raise InvalidParams(
+                f"{where}.group",
+                f"{addr} is neither multicast nor the broadcast address {LIMITED_BROADCAST}",
+            )
+        endpoints = ((str(addr), check_port(obj.get("port"), f"{where}.port")),)
+    on = _member_list(obj.get("on"), f"{where}.on")
+    listen_only = _member_list(obj.get("listen_only", []), f"{where}.listen_only")
+    if not on:
+        raise InvalidParams(f"{where}.on", "at least one member that is sent to is required")
+    for i, name in enumerate(listen_only):
+        if name in on:
+            raise InvalidParams(f"{where}.listen_only[{i}]", f"{name} is already in on")
+    if len(on) + len(listen_only) < 2:
+        raise InvalidParams(f"{where}.on", "a reflector needs at least two interfaces")
+    if len(on) + len(listen_only) > MAX_MEMBERS:
+        raise InvalidParams(f"{where}.on", f"at most {MAX_MEMBERS} interfaces in all")
+    source = check_source_mode(obj.get("source", "keep"), f"{where}.source")
+    allow: list[str] = []
+    for i, v in enumerate(_sequence(obj.get("allow", []), f"{where}.allow", MAX_ALLOW)):
+        f = f"{where}.allow[{i}]"
+        _expect(v, str, f, "a source prefix (ADDR/LEN)")
+        try:
+            net = ipaddress.ip_network(v.strip(), strict=False)
+        except ValueError:
+            raise InvalidParams(f, f"{_show(v)} is not a source prefix (ADDR/LEN)") from None
+        if net.network_address.is_multicast:
+            raise InvalidParams(f, f"{net} is multicast; sources are unicast")
+        if str(net) not in allow:
+            allow.append(str(net))
+    return Reflect(proto, endpoints, on, listen_only, source, tuple(allow))
+
+
+def reflect_legs(name: str, spec: Reflect) -> tuple[Relay, ...]:
+    """One packet-mode relay per member and endpoint, to that endpoint on every other
+    ``on`` member: TTL 255 and source port 5353 for mDNS, else the arriving TTL (0)."""
+    legs: list[Relay] = []
+    for group, port in spec.endpoints:
+        ttl = MDNS_TTL if is_mdns(group, port) else 0
+        for member in spec.members:
+            outs = tuple(
+                RelayOutput(group, port, other, ttl, 0, spec.source)
+                for other in spec.on
+                if other != member
+            )
+            if outs:
+                legs.append(Relay(name, RelayInput(member, group, port), outs, "packet"))
+    return tuple(legs)
+
+
+def _parse_reflector(obj: Mapping[str, Any], where: str) -> Relay:
+    _no_extra(obj, {"name", "reflect", "mode"}, where)
+    p = f"{where}." if where else ""
+    if obj.get("name") is None:
+        raise InvalidParams(f"{p}name", "a reflector needs a name")
+    name = check_name(obj.get("name"), f"{p}name")
+    if obj.get("mode", "packet") != "packet":
+        raise InvalidParams(
+            f"{p}mode", "a reflector is packet mode only (it must see each sender's address)"
+        )
+    spec = parse_reflect(obj.get("reflect"), f"{p}reflect")
+    legs = reflect_legs(name, spec)
+    return Relay(name, legs[0].input, (), "packet", spec)
 
 
 # ---------------------------------------------------------------- group joins
@@ -660,10 +864,11 @@ def parse_ruleset(params: Any, where: str = "") -> RuleSet:
     for i, rl in enumerate(relays):
         if rl.name in names:
             raise InvalidParams(f"{p}relays[{i}].name", f"duplicate relay name {rl.name!r}")
-        if rl.input.key in keys:
+        mine = rl.input_keys()
+        if mine & keys:
             raise InvalidParams(f"{p}relays[{i}].input", "duplicate relay input")
         names.add(rl.name)
-        keys.add(rl.input.key)
+        keys |= mine
     if len(set(groups)) != len(groups):
         raise InvalidParams(f"{p}groups", "duplicate group join")
     return RuleSet(tuple(routes), tuple(relays), tuple(groups))
@@ -673,9 +878,11 @@ def parse_ruleset(params: Any, where: str = "") -> RuleSet:
 
 
 def parse_output_spec(spec: str, where: str = "outputs[0]") -> dict[str, Any]:
-    """`ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]` into the JSON form of an output."""
+    """`ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS][,src=keep|own]` into the JSON form of an output."""
     head, *opts = spec.split(",")
-    out: dict[str, Any] = _parse_endpoint(head, where, "ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS]")
+    out: dict[str, Any] = _parse_endpoint(
+        head, where, "ADDR:PORT[@OIF][,ttl=N][,dscp=CLASS][,src=keep|own]"
+    )
     if out.get("iif") is not None:
         out["oif"] = out.pop("iif")
     else:
@@ -683,8 +890,10 @@ def parse_output_spec(spec: str, where: str = "outputs[0]") -> dict[str, Any]:
     for opt in opts:
         key, sep, value = opt.partition("=")
         key = key.strip().lower()
-        if not sep or key not in ("ttl", "dscp"):
-            raise InvalidParams(where, f"unknown option {opt!r}; allowed: ttl=N, dscp=CLASS")
+        if not sep or key not in ("ttl", "dscp", "src"):
+            raise InvalidParams(
+                where, f"unknown option {opt!r}; allowed: ttl=N, dscp=CLASS, src=keep|own"
+            )
         out[key] = value.strip()
     out["address"] = out.pop("group")
     return out
@@ -695,6 +904,25 @@ def parse_input_spec(spec: str, where: str = "input") -> dict[str, Any]:
     out = _parse_endpoint(spec, where, "GROUP:PORT@IIF")
     if out.get("iif") is None:
         raise InvalidParams(f"{where}.iif", "the input needs an interface: GROUP:PORT@IIF")
+    return out
+
+
+def parse_reflect_spec(text: str, where: str = "reflect") -> dict[str, Any]:
+    """`PROTO`, `GROUP:PORT` (IPv6 in brackets) or `broadcast:PORT` into reflect fields."""
+    word = text.strip().lower()
+    if word in REFLECT_PRESETS:
+        return {"proto": word}
+    if word.startswith("broadcast:"):
+        return {"group": LIMITED_BROADCAST, "port": word.partition(":")[2]}
+    if ":" not in word:
+        raise InvalidParams(
+            f"{where}.proto",
+            f"unknown preset {text!r}; allowed: {', '.join(REFLECT_PRESETS)}, GROUP:PORT "
+            "or broadcast:PORT",
+        )
+    out = _parse_endpoint(text, where, "PROTO, GROUP:PORT or broadcast:PORT")
+    if out.pop("iif") is not None:
+        raise InvalidParams(where, "no @IF here: the interfaces are given with --on")
     return out
 
 

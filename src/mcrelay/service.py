@@ -222,11 +222,10 @@ class RuleService:
         for r in self.rules.relays:
             if r.name == relay.name:
                 raise RuleExists(f"relay {relay.name!r}")
-            if r.input.key == relay.input.key:
-                raise RuleExists(
-                    f"relay input {relay.input.group}:{relay.input.port}@{relay.input.iif} "
-                    f"(used by relay {r.name!r})"
-                )
+            shared = sorted(r.input_keys() & relay.input_keys())
+            if shared:
+                iif, group, port = shared[0]
+                raise RuleExists(f"relay input {group}:{port}@{iif} (used by relay {r.name!r})")
         self.relay_engine.add(relay, dry_run=True)
         if not cmd.dry_run:
 

@@ -69,6 +69,11 @@ class FakeOpeners:
     def packet_stats(self, sock: Any) -> tuple[int, int]:
         return 0, 0
 
+    def raw(self, family: int) -> FakeSocket:
+        s = FakeSocket(f"raw {family}")
+        self.opened.append(s)
+        return s
+
     def open_now(self) -> list[FakeSocket]:
         return [s for s in self.opened if not s.closed]
 

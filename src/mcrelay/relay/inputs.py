@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mcrelay.model import Relay
-from mcrelay.net import bpf
+from mcrelay.net import bpf, rawsend
 from mcrelay.relay import ingress
 from mcrelay.relay import messages as m
 
@@ -55,6 +55,8 @@ class Openers(Protocol):
 
     def packet_stats(self, sock: Closable) -> tuple[int, int]: ...
 
+    def raw(self, family: int) -> Closable: ...
+
 
 class KernelOpeners:
     """Real sockets (:mod:`mcrelay.relay.ingress`)."""
@@ -78,6 +80,9 @@ class KernelOpeners:
 
     def packet_stats(self, sock: Closable) -> tuple[int, int]:
         return ingress.packet_stats(sock)  # type: ignore[arg-type]
+
+    def raw(self, family: int) -> Closable:
+        return rawsend.open_raw(family)
 
 
 @dataclass
@@ -148,6 +153,11 @@ class Inputs:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
+
+    @property
+    def openers(self) -> Openers:
+        """How this set opens sockets (the relay manager opens its raw sockets the same way)."""
+        return self._openers
 
     # ------------------------------------------------------------ sync
 

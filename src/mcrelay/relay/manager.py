@@ -14,6 +14,12 @@ while it fails. Every worker gets the whole table; a rule change is a new
 ``SetTable`` (sent only when the table really changed) and, for a new input,
 an ``AddIngress`` with the new sockets. Workers are never restarted for a
 rule change.
+
+A reflector (``Relay.reflect``) is installed as its legs (``Relay.legs()``):
+one one-way relay per member and endpoint, each with its own table id, all
+sharing the reflector's record, counters summed over them. Outputs that write
+their own IP header (kept sources, mDNS) send on raw sockets the manager
+opens here, the privileged side, and passes to every worker.
 """
 
 from __future__ import annotations
@@ -28,10 +34,17 @@ from typing import Any
 
 from mcrelay.errors import KernelRefused, McrelayError, NoSuchRule, RuleExists
 from mcrelay.membership import Membership
-from mcrelay.model import Relay
+from mcrelay.model import MDNS_TTL, Relay, RelayOutput, is_mdns
 from mcrelay.relay import messages as m
 from mcrelay.relay.counters import Counters
-from mcrelay.relay.inputs import Inputs, Openers, PacketInput, SocketInput, input_text
+from mcrelay.relay.inputs import (
+    Closable,
+    Inputs,
+    Openers,
+    PacketInput,
+    SocketInput,
+    input_text,
+)
 from mcrelay.relay.pool import Handler, PoolHooks, WorkerPool
 from mcrelay.relay.trace import MANAGER_RING, Ring
 
@@ -43,11 +56,15 @@ PoolFactory = Callable[[int, str, PoolHooks, logging.Logger], WorkerPool]
 
 @dataclass
 class RelayRecord:
-    """One installed relay rule: its version id and the group joins it holds."""
+    """One installed relay rule: its version id, its legs' ids and the group joins it holds.
+
+    A plain relay is its own single leg, with the record's id.
+    """
 
     relay: Relay
     id: int
     joins: list[tuple[str, str, str | None]] = field(default_factory=list)
+    legs: list[tuple[int, Relay]] = field(default_factory=list)
 
 
 class RelayManager:
@@ -79,25 +96,30 @@ class RelayManager:
         self._version = 0
         self._last_stats = 0.0
         self._last_drops = 0.0
+        self._raw: dict[int, Closable] = {}  # raw IP sockets by family, for every worker
+        self._leg_owner: dict[int, int] = {}  # leg id -> record id (traces)
 
     # ------------------------------------------------------------ pool hooks
 
     def initial_messages(self, index: int) -> list[tuple[Any, Sequence[int]]]:
         """A (re)started worker: its ingress sockets, the table, the traced relays."""
         msgs: list[tuple[Any, Sequence[int]]] = []
+        if self._raw:
+            fams = sorted(self._raw)
+            msgs.append((m.AddRaw(tuple(fams)), [self._raw[f].fileno() for f in fams]))
         specs = self.inputs.for_worker(index)
         for i in range(0, len(specs), 200):
             chunk = specs[i : i + 200]
             msgs.append((m.AddIngress(tuple(s for s, _ in chunk)), [fd for _, fd in chunk]))
         msgs.append((m.SetTable(self._version, self._entries()), ()))
-        msgs.append((m.SetTrace(tuple(sorted(self._traced))), ()))
+        msgs.append((m.SetTrace(self._traced_legs()), ()))
         return msgs
 
     def on_message(self, index: int, msg: Any, now: float) -> None:
         if isinstance(msg, m.Stats):
             self.counters.merge(index, msg)
             for rid, recs in msg.traces.items():
-                ring = self._rings.get(int(rid))
+                ring = self._rings.get(self._leg_owner.get(int(rid), int(rid)))
                 if ring is not None:
                     for r in recs:
                         ring.add(r)
@@ -143,6 +165,9 @@ class RelayManager:
         """Stop the workers and close every socket."""
         self.pool.stop()
         self.inputs.close()
+        for sock in self._raw.values():
+            sock.close()
+        self._raw.clear()
         for rec in self._relays.values():
             self._leave(rec)
 
@@ -154,7 +179,7 @@ class RelayManager:
             raise RuleExists(f"relay {relay.name}")
         if dry_run:
             return
-        rec = RelayRecord(relay, self._new_id())
+        rec = self._record(relay)
         try:
             self._join(rec)
             self._relays[relay.name] = rec
@@ -193,7 +218,7 @@ class RelayManager:
         done: list[RelayRecord] = []
         try:
             for n in added + changed:
-                rec = RelayRecord(names[n], self._new_id())
+                rec = self._record(names[n])
                 self._join(rec)
                 self._relays[n] = rec
                 done.append(rec)
@@ -235,7 +260,8 @@ class RelayManager:
                 idx[name] = self._ifindex_of(name)
             return idx[name]
 
-        changes = self.inputs.sync(((r.id, r.relay) for r in self._relays.values()), ifindex)
+        self._open_raw()
+        changes = self.inputs.sync(self._all_legs(), ifindex)
         for gone in changes.closed:
             self._tell_removed(gone, now)
         for new in changes.opened:
@@ -259,6 +285,31 @@ class RelayManager:
         else:
             self.pool.send(gone.worker, m.RemoveIngress((gone.id,)), now=now)
 
+    def _all_legs(self) -> list[tuple[int, Relay]]:
+        return [leg for rec in self._relays.values() for leg in rec.legs]
+
+    def _open_raw(self) -> None:
+        """Open the raw socket of each family some output needs, and pass it on; never closed
+        while the manager runs (two descriptors, and workers may hold them in flight)."""
+        need = {
+            o.family
+            for _, leg in self._all_legs()
+            for o in leg.outputs
+            if _src_of(leg, o) != m.SRC_OWN
+        }
+        new = sorted(f for f in need if f not in self._raw)
+        opened = []
+        for fam in new:
+            try:
+                self._raw[fam] = self.inputs.openers.raw(fam)
+                opened.append(fam)
+            except OSError as exc:
+                self._log.warning("cannot open the IPv%d raw socket: %s", fam, exc)
+        if opened:
+            fds = [self._raw[f].fileno() for f in opened]
+            for i in range(self.nworkers):
+                self.pool.send(i, m.AddRaw(tuple(opened)), fds, now=time.monotonic())
+
     def _refuse_unopened(self, relay: Relay) -> None:
         why = self.inputs.errors.get(relay.name)
         if why is not None and relay.mode == "packet":
@@ -270,19 +321,29 @@ class RelayManager:
         look = ifindex or self._ifindex_of
         entries = []
         for rec in self._relays.values():
-            r = rec.relay
-            ing = self.inputs.ingress_of(rec.id, r)
-            if ing is None:
-                continue
-            outs = []
-            for o in r.outputs:
-                ix = 0 if o.oif is None else (look(o.oif) or -1)
-                outs.append(m.OutputSpec(o.address, o.port, ix, o.ttl, o.dscp))
-            entries.append(
-                m.TableEntry(
-                    rec.id, r.name, ing, r.input.group, r.input.port, r.input.sources, tuple(outs)
+            spec = rec.relay.reflect
+            reflect = None if spec is None else m.ReflectSpec(rec.id, spec.allow)
+            for lid, r in rec.legs:
+                ing = self.inputs.ingress_of(lid, r)
+                if ing is None:
+                    continue
+                outs = []
+                for o in r.outputs:
+                    ix = 0 if o.oif is None else (look(o.oif) or -1)
+                    ttl = MDNS_TTL if is_mdns(o.address, o.port) else o.ttl
+                    outs.append(m.OutputSpec(o.address, o.port, ix, ttl, o.dscp, _src_of(r, o)))
+                entries.append(
+                    m.TableEntry(
+                        lid,
+                        r.name,
+                        ing,
+                        r.input.group,
+                        r.input.port,
+                        r.input.sources,
+                        tuple(outs),
+                        reflect,
+                    )
                 )
-            )
         return tuple(entries)
 
     # ------------------------------------------------------------ listings
@@ -294,6 +355,9 @@ class RelayManager:
         for name in sorted(self._relays):
             rec = self._relays[name]
             r = rec.relay
+            if r.reflect is not None:
+                out.append(self._reflector_row(rec, age))
+                continue
             d = r.to_dict()
             c, outs = self.counters.total(rec.id, len(r.outputs))
             present = self._ifindex_of(r.input.iif) is not None
@@ -315,6 +379,52 @@ class RelayManager:
             out.append(d)
         return out
 
+    def _reflector_row(self, rec: RelayRecord, age: float | None) -> dict[str, Any]:
+        """A reflector: totals over its legs, and per member what it heard and was sent."""
+        r = rec.relay
+        assert r.reflect is not None
+        d = r.to_dict()
+        total = [0] * m.N_COUNTERS
+        heard: dict[str, int] = {}
+        sent: dict[str, list[int]] = {}
+        for lid, leg in rec.legs:
+            c, outs = self.counters.total(lid, len(leg.outputs))
+            for i, v in enumerate(c):
+                total[i] += v
+            heard[leg.input.iif] = heard.get(leg.input.iif, 0) + c[m.PACKETS]
+            for o, oc in zip(leg.outputs, outs, strict=True):
+                acc = sent.setdefault(o.oif or "", [0, 0, 0])
+                for i, v in enumerate(oc):
+                    acc[i] += v
+        members = []
+        for iface in r.reflect.members:
+            p, b, e = sent.get(iface, [0, 0, 0])
+            members.append(
+                {
+                    "name": iface,
+                    "role": "listen-only" if iface in r.reflect.listen_only else "member",
+                    "state": "active" if self._ifindex_of(iface) is not None else "waiting",
+                    "received": heard.get(iface, 0),
+                    "packets": p,
+                    "bytes": b,
+                    "errors": e,
+                }
+            )
+        present = sum(1 for x in members if x["state"] == "active")
+        error = self.inputs.errors.get(r.name)
+        d["state"] = "active" if present >= 2 and error is None else "waiting"
+        if error is not None:
+            d["error"] = error
+        d["packets"], d["bytes"] = total[m.PACKETS], total[m.BYTES]
+        d["drops"] = {k: total[m.NO_BUFFER + i] for i, k in enumerate(m.DROP_NAMES)}
+        d["members"] = members
+        d["input_drops"] = sum(
+            pin.drops for (iif, _fam), pin in self.inputs.packet.items() if iif in r.reflect.members
+        )
+        d["traced"] = rec.id in self._traced
+        d["counters_age"] = age
+        return d
+
     def workers(self) -> list[dict[str, Any]]:
         out = []
         for i in range(self.nworkers):
@@ -328,6 +438,13 @@ class RelayManager:
         out = []
         for name in sorted(self._relays):
             r = self._relays[name].relay
+            if r.reflect is not None:
+                gone = [i for i in r.reflect.members if self._ifindex_of(i) is None]
+                if gone:
+                    out.append(f"reflector {name}: interface(s) {', '.join(gone)} do not exist")
+                if name in self.inputs.errors:
+                    out.append(f"reflector {name}: input not open: {self.inputs.errors[name]}")
+                continue
             if r.mode == "socket" and r.input.family == 4:
                 rp = _rp_filter(r.input.iif)
                 if rp:
@@ -349,12 +466,23 @@ class RelayManager:
         rec = self._rec(name)
         self._traced.add(rec.id)
         self._rings.setdefault(rec.id, Ring(MANAGER_RING))
-        self.pool.broadcast(m.SetTrace(tuple(sorted(self._traced))), time.monotonic())
+        self.pool.broadcast(m.SetTrace(self._traced_legs()), time.monotonic())
 
     def trace_stop(self, name: str) -> None:
         rec = self._rec(name)
         self._traced.discard(rec.id)
-        self.pool.broadcast(m.SetTrace(tuple(sorted(self._traced))), time.monotonic())
+        self.pool.broadcast(m.SetTrace(self._traced_legs()), time.monotonic())
+
+    def _traced_legs(self) -> tuple[int, ...]:
+        """The table ids the workers record: every leg of each traced rule."""
+        return tuple(
+            sorted(
+                lid
+                for rec in self._relays.values()
+                if rec.id in self._traced
+                for lid, _ in rec.legs
+            )
+        )
 
     def trace_stop_all(self) -> None:
         """No client can be reading any trace (the control process restarted)."""
@@ -376,6 +504,17 @@ class RelayManager:
         self._next_id += 1
         return self._next_id - 1
 
+    def _record(self, relay: Relay) -> RelayRecord:
+        """A record with fresh ids: the rule's, and one per leg (a plain relay: the same)."""
+        rec = RelayRecord(relay, self._new_id())
+        if relay.reflect is None:
+            rec.legs = [(rec.id, relay)]
+        else:
+            rec.legs = [(self._new_id(), leg) for leg in relay.legs()]
+        for lid, _ in rec.legs:
+            self._leg_owner[lid] = rec.id
+        return rec
+
     def _rec(self, name: str) -> RelayRecord:
         rec = self._relays.get(name)
         if rec is None:
@@ -383,12 +522,15 @@ class RelayManager:
         return rec
 
     def _join(self, rec: RelayRecord) -> None:
-        inp = rec.relay.input
-        if not inp.is_multicast:
-            return
-        for src in inp.sources or (None,):
-            self._membership.join(inp.iif, inp.group, src)
-            rec.joins.append((inp.iif, inp.group, src))
+        for _, leg in rec.legs:
+            inp = leg.input
+            if not inp.is_multicast:
+                continue
+            for src in inp.sources or (None,):
+                if (inp.iif, inp.group, src) in rec.joins:
+                    continue
+                self._membership.join(inp.iif, inp.group, src)
+                rec.joins.append((inp.iif, inp.group, src))
 
     def _leave(self, rec: RelayRecord) -> None:
         for iif, group, src in rec.joins:
@@ -398,9 +540,21 @@ class RelayManager:
     def _remove(self, rec: RelayRecord) -> None:
         self._leave(rec)
         del self._relays[rec.relay.name]
-        self.counters.forget(rec.id)
+        for lid, _ in rec.legs:
+            self.counters.forget(lid)
+            self._leg_owner.pop(lid, None)
         self._rings.pop(rec.id, None)
         self._traced.discard(rec.id)
+
+
+def _src_of(leg: Relay, out: RelayOutput) -> int:
+    """How an output's packets get their source: mDNS always through the raw socket, so
+    it leaves from port 5353 (RFC 6762 section 11) whatever the source mode."""
+    if out.src == "keep":
+        return m.SRC_KEEP
+    if out.ttl == 0 or is_mdns(out.address, out.port):  # ttl 0: a reflector's "as it came"
+        return m.SRC_OWN_RAW
+    return m.SRC_OWN
 
 
 def _refused(what: str, exc: Exception) -> Exception:

@@ -25,8 +25,15 @@ SEND_ERROR = 3
 FRAGMENT = 4
 FILTERED = 5
 QUEUE = 6
-N_COUNTERS = 7
-DROP_NAMES = ("no_buffer", "send_error", "fragment", "filtered", "queue")
+LOOP = 7  # a reflector heard a packet it had sent itself
+DUPLICATE = 8  # a reflector heard again a packet it relayed moments ago
+N_COUNTERS = 9
+DROP_NAMES = ("no_buffer", "send_error", "fragment", "filtered", "queue", "loop", "duplicate")
+
+# OutputSpec.src: how an output's packets get their source address.
+SRC_OWN = 0  # the router's, from a UDP egress socket (the fast path)
+SRC_KEEP = 1  # the original sender's, header written by the worker on the raw socket
+SRC_OWN_RAW = 2  # the router's, header written on the raw socket (port/TTL control)
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,21 @@ class OutputSpec:
     address: str
     port: int
     ifindex: int
-    ttl: int
+    ttl: int  # 0: the TTL the packet arrived with
     dscp: int
+    src: int = SRC_OWN
+
+
+@dataclass(frozen=True)
+class ReflectSpec:
+    """What a reflector leg's packets are checked against before they are sent.
+
+    ``rule`` is shared by all legs of one reflector, so they share one memory
+    of what was sent and relayed (loops and duplicates are seen across legs).
+    """
+
+    rule: int
+    allow: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -61,9 +81,11 @@ class TableEntry:
     port: int
     sources: tuple[str, ...]
     outputs: tuple[OutputSpec, ...]
+    reflect: ReflectSpec | None = None
 
 
 def _entry_from(d: Any) -> TableEntry:
+    r = d[7] if len(d) > 7 else None
     return TableEntry(
         int(d[0]),
         str(d[1]),
@@ -71,13 +93,18 @@ def _entry_from(d: Any) -> TableEntry:
         str(d[3]),
         int(d[4]),
         tuple(str(s) for s in d[5]),
-        tuple(OutputSpec(str(o[0]), int(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in d[6]),
+        tuple(
+            OutputSpec(str(o[0]), int(o[1]), int(o[2]), int(o[3]), int(o[4]), int(o[5]))
+            for o in d[6]
+        ),
+        None if r is None else ReflectSpec(int(r[0]), tuple(str(a) for a in r[1])),
     )
 
 
 def _entry_to(e: TableEntry) -> list[Any]:
-    outs = [[o.address, o.port, o.ifindex, o.ttl, o.dscp] for o in e.outputs]
-    return [e.id, e.name, e.ingress, e.group, e.port, list(e.sources), outs]
+    outs = [[o.address, o.port, o.ifindex, o.ttl, o.dscp, o.src] for o in e.outputs]
+    r = None if e.reflect is None else [e.reflect.rule, list(e.reflect.allow)]
+    return [e.id, e.name, e.ingress, e.group, e.port, list(e.sources), outs, r]
 
 
 @message
@@ -118,6 +145,25 @@ class AddIngress:
     @classmethod
     def from_wire(cls, body: Any) -> AddIngress:
         return cls(tuple(IngressSpec(int(a), str(b), int(c), int(d)) for a, b, c, d in body))
+
+
+@message
+@dataclass(frozen=True)
+class AddRaw:
+    """Raw IP sockets (``IPPROTO_RAW``), one per family, descriptors attached in order.
+
+    Opening one needs CAP_NET_RAW, which workers never have: the supervisor
+    opens them and the workers send keep-source packets through them.
+    """
+
+    families: tuple[int, ...]
+
+    def to_wire(self) -> list[int]:
+        return list(self.families)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> AddRaw:
+        return cls(tuple(int(f) for f in body))
 
 
 @message

@@ -35,6 +35,15 @@ from mcrelay.relay.egress import Dest, EgressKey, open_egress
 from mcrelay.relay.hotpath import HotPath, Ingress
 from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
 from mcrelay.relay.qos import Backlog, Output, SendQueue
+from mcrelay.relay.reflect import (
+    RawDest,
+    RawQueue,
+    RawSender,
+    ReflectQueue,
+    ReflectState,
+    Sources,
+    fan_output,
+)
 from mcrelay.relay.trace import WORKER_RING, Ring, record
 
 VLEN = 64  # messages per recvmmsg/sendmmsg
@@ -82,6 +91,10 @@ class Worker(HotPath):
         self.poller = select.epoll()  # poll() rescans every fd per wake-up: 10,000 relays
         self.polled_out: set[int] = set()
         self.running = False
+        # Raw sockets from the supervisor (keep-source outputs, reflectors), by family.
+        self.raw: dict[int, RawSender] = {}
+        self.sources = Sources()
+        self.reflect_states: dict[int, ReflectState] = {}
 
     # ------------------------------------------------------------ control
 
@@ -92,6 +105,20 @@ class Worker(HotPath):
                 self._add_ingress(spec, fd)
             for fd in fds[len(msg.specs) :]:
                 os.close(fd)
+            return True
+        if isinstance(msg, m.AddRaw):
+            for fam, fd in zip(msg.families, fds, strict=False):
+                old = self.raw.pop(fam, None)
+                if old is not None:
+                    old.sock.close()
+                sock = socket.socket(
+                    socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_RAW, fileno=fd
+                )
+                self.raw[fam] = RawSender(sock, fam, self.sources)
+            for fd in fds[len(msg.families) :]:
+                os.close(fd)
+            if self.running:
+                self.rebuild()
             return True
         for fd in fds:
             os.close(fd)
@@ -167,6 +194,17 @@ class Worker(HotPath):
                 if o.ifindex < 0:
                     continue  # output interface missing: nothing to send on
                 fam = 6 if ":" in o.address else 4
+                if o.src != m.SRC_OWN:
+                    sender = self.raw.get(fam)
+                    if sender is None:
+                        continue  # no raw socket (yet): the supervisor sends one
+                    dest = RawDest(fam, o.address, o.port, o.ifindex, o.ttl, -1, o.src)
+                    if spec.reflect is None:
+                        dest.tos = o.dscp << 2
+                        outs.append(Output(RawQueue(sender, self.rv_packet), dest, o.dscp, oc))
+                    else:
+                        outs.append(Output(RawQueue(sender, self.rv_packet), dest, 0, oc))
+                    continue
                 key = EgressKey(fam, o.ifindex, o.ttl, o.dscp)
                 sq = self.egress.get(key)
                 if sq is None:
@@ -180,10 +218,27 @@ class Worker(HotPath):
                 outs.append(Output(sq, Dest(fam, o.address, o.port, o.ifindex), o.dscp, oc))
             return outs
 
+        def make_entry_outputs(spec: m.TableEntry, c: list[int]) -> list[Output]:
+            outs = make_outputs(spec, c)
+            r = spec.reflect
+            if r is None:
+                return outs
+            fam = 6 if ":" in spec.group else 4
+            sender = self.raw.get(fam)
+            inn = self.ingress.get(spec.ingress)
+            if sender is None or inn is None:
+                return []
+            state = self.reflect_states.setdefault(r.rule, ReflectState())
+            q = ReflectQueue(sender, self.rv_packet, state, outs, r.allow, inn.spec.ifindex)
+            return [fan_output(q, c, spec.name)]
+
         for sq in self.dirty:
             sq.flush()
         self.dirty.clear()
-        self.table = tbl.build(self.specs, kind_of, make_outputs, self.counters, self.traced)
+        self.table = tbl.build(self.specs, kind_of, make_entry_outputs, self.counters, self.traced)
+        rules = {s.reflect.rule for s in self.specs if s.reflect is not None}
+        for gone in [r for r in self.reflect_states if r not in rules]:
+            del self.reflect_states[gone]
         for key in [k for k in self.egress if k not in wanted]:
             sq = self.egress.pop(key)
             if sq.fd in self.polled_out:
