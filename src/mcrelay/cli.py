@@ -453,7 +453,13 @@ def _build_apply(cmds: Any, sub: Sub) -> None:
 
 
 def _build_export(cmds: Any, sub: Sub) -> None:
-    sub(cmds, "export", cmd_export, "print the whole rule set (the format apply reads)")
+    p = sub(cmds, "export", cmd_export, "print the whole rule set (the format apply reads)")
+    p.add_argument(
+        "--format",
+        choices=("json", "smcroute"),
+        default="json",
+        help="json (what apply reads, default) or smcroute (smcroute.conf lines)",
+    )
 
 
 # ---------------------------------------------------------------- command words
@@ -975,7 +981,13 @@ def cmd_apply(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_export(ctx: Ctx, args: argparse.Namespace) -> int:
-    ctx.print_json(ctx.client.export())
+    rules = ctx.client.export()
+    if getattr(args, "format", "json") == "smcroute":
+        from .smcroute_conf import format_rules
+
+        ctx.out.write(format_rules(rules))
+        return EXIT_OK
+    ctx.print_json(rules)
     return EXIT_OK
 
 

@@ -49,6 +49,8 @@ DEFAULT_LEARNED_EXPIRY = 60
 DEFAULT_MAX_LINE = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_IDLE_TIMEOUT = 300
+DEFAULT_MRDISC_INTERVAL = 20  # RFC 4286 MRD advertisement interval, seconds
+MAX_TABLE = 2**32 - 1
 
 MAX_WORKERS = 256
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -65,12 +67,15 @@ RELOADABLE: frozenset[str] = frozenset(
         "max_connections",
         "max_line",
         "metrics_per_relay",
+        "rules",
+        "mrdisc",
+        "mrdisc_interval",
     }
 )
 #: Settings that only take effect when the daemon restarts (sockets bound,
 #: processes forked, privileges dropped at start).
 RESTART_ONLY: frozenset[str] = frozenset(
-    {"socket", "socket_group", "state", "workers", "user", "metrics_listen"}
+    {"socket", "socket_group", "state", "workers", "user", "metrics_listen", "table"}
 )
 
 
@@ -99,6 +104,10 @@ class Settings:
     max_line: int = DEFAULT_MAX_LINE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    table: int = 0
+    rules: tuple[str, ...] = ()
+    mrdisc: tuple[str, ...] = ()
+    mrdisc_interval: int = DEFAULT_MRDISC_INTERVAL
     config_path: str | None = None
 
     @property
@@ -254,6 +263,38 @@ def _bool(value: Any) -> bool:
     raise _Bad(f"must be true or false, got {_show(value)}")
 
 
+def _table(value: Any) -> int:
+    return _int(value, 0, MAX_TABLE, " (0: the kernel's default table)")
+
+
+def _string_list(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad(f"must be an array of {what}, got {_show(value)}")
+    return tuple(value)
+
+
+def _rules(value: Any) -> tuple[str, ...]:
+    globs = _string_list(value, "file paths or globs")
+    for g in globs:
+        if not os.path.isabs(g):
+            raise _Bad(f"must be absolute paths, got {_show(g)}")
+    return globs
+
+
+def _mrdisc(value: Any) -> tuple[str, ...]:
+    names = _string_list(value, "interface names (eth+ for every eth*)")
+    for n in names:
+        if len(n.encode()) > 15 or "/" in n or any(c.isspace() for c in n):
+            raise _Bad(f"{_show(n)} is not an interface name")
+    return names
+
+
+def _mrdisc_interval(value: Any) -> int:
+    return _int(value, 4, 180, " seconds (RFC 4286)")
+
+
 def _learned_expiry(value: Any) -> int:
     return _int(value, 1, 86400, " seconds")
 
@@ -284,6 +325,10 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_line": _max_line,
     "max_connections": _max_connections,
     "idle_timeout": _idle_timeout,
+    "table": _table,
+    "rules": _rules,
+    "mrdisc": _mrdisc,
+    "mrdisc_interval": _mrdisc_interval,
 }
 assert set(_CHECKS) == set(SETTING_KEYS)
 

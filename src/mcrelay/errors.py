@@ -28,6 +28,7 @@ STATE_WRITE_FAILED = -32007
 LIMIT_EXCEEDED = -32008
 UNAVAILABLE = -32009
 SETTINGS_INVALID = -32010
+RULE_IN_FILE = -32011
 
 
 class McrelayError(Exception):
@@ -80,6 +81,18 @@ class MethodNotFound(McrelayError):
         super().__init__(
             f"unknown method {method!r}; known methods: {', '.join(known)}",
             {"method": method},
+        )
+
+
+class RuleInFile(McrelayError):
+    """The rule comes from a rule file: change the file and reload, not the runtime rules."""
+
+    code = RULE_IN_FILE
+
+    def __init__(self, rule: str, where: str) -> None:
+        super().__init__(
+            f"{rule} is defined in {where}; edit that file and run 'mcrelay reload'",
+            {"rule": rule, "file": where},
         )
 
 

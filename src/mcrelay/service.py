@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import InvalidParams, NoSuchRule, RuleExists, Unavailable
+from .errors import InvalidParams, NoSuchRule, RuleExists, RuleInFile, Unavailable
 from .model import MAX_OUTPUTS, GroupJoin, Relay, Route, RouteKey, RuleSet
 from .protocol import (
     ApplyCommand,
@@ -29,6 +29,7 @@ from .protocol import (
     RouteCommand,
     RouteKeyCommand,
 )
+from .rulefiles import RuleFiles, merge, overlap
 from .state import export_dict
 from .transaction import Transaction
 
@@ -92,7 +93,8 @@ class RuleService:
         self.relay_engine = relays
         self.groups = groups
         self.store = store
-        self.rules = RuleSet()
+        self.rules = RuleSet()  # the runtime layer: what the state file holds
+        self.files = RuleFiles()  # the rule-file layer (see rulefiles.py)
         self.started = time.monotonic()
         self._status_extra = status_extra or dict
         self._interfaces = interfaces or list
@@ -100,23 +102,68 @@ class RuleService:
 
     # ------------------------------------------------------------ start-up
 
-    def restore(self, rules: RuleSet) -> None:
-        """Install the rules read from the state file (raises if the kernel refuses)."""
+    @property
+    def effective(self) -> RuleSet:
+        """The rules in force: the runtime layer plus the rule files."""
+        return merge(self.rules, self.files.rules)
+
+    def restore(self, rules: RuleSet, files: RuleFiles | None = None) -> None:
+        """Install the state file's rules and the rule files' (raises if the kernel refuses)."""
+        files = files or RuleFiles()
+        clash = overlap(rules, files)
+        if clash:
+            raise RuleInFile(*clash[0])
+        both = merge(rules, files.rules)
         with Transaction("restoring saved rules") as tx:
-            self.kernel.replace(rules.routes)
+            self.kernel.replace(both.routes)
             tx.on_failure("remove restored routes", lambda: self.kernel.replace(()))
-            self.relay_engine.replace(rules.relays)
+            self.relay_engine.replace(both.relays)
             tx.on_failure("remove restored relays", lambda: self.relay_engine.replace(()))
-            for g in rules.groups:
+            for g in both.groups:
                 self.groups.join(g)
                 tx.on_failure(f"leave {g}", lambda g=g: self.groups.leave(g))  # type: ignore[misc]
-        self.rules = rules
+        self.rules, self.files = rules, files
         log.info(
-            "restored %d route(s), %d relay(s), %d group(s)",
-            len(rules.routes),
-            len(rules.relays),
-            len(rules.groups),
+            "restored %d route(s), %d relay(s), %d group(s) (%d of them from %d rule file(s))",
+            len(both.routes),
+            len(both.relays),
+            len(both.groups),
+            len(files.rules.routes) + len(files.rules.relays) + len(files.rules.groups),
+            len(files.files),
         )
+
+    def load_files(self, files: RuleFiles, dry_run: bool = False) -> dict[str, Any]:
+        """Make ``files`` the rule-file layer in one transaction; the diff it made.
+
+        The runtime layer is untouched, so outputs that stay never lose a
+        packet (the engines only apply differences); nothing is written to the
+        state file, which holds the runtime layer only.
+        """
+        clash = overlap(self.rules, files)
+        if clash:
+            raise RuleInFile(*clash[0])
+        old, new = self.effective, merge(self.rules, files.rules)
+        route_diff = self.kernel.replace(new.routes, True)
+        relay_diff = self.relay_engine.replace(new.relays, True)
+        group_diff = self._replace_groups(old.groups, new.groups, True, Transaction("plan"))
+        if not dry_run:
+            with Transaction("reload rule files") as tx:
+                self.kernel.replace(new.routes)
+                tx.on_failure("restore routes", lambda: self.kernel.replace(old.routes))
+                self.relay_engine.replace(new.relays)
+                tx.on_failure("restore relays", lambda: self.relay_engine.replace(old.relays))
+                self._replace_groups(old.groups, new.groups, False, tx)
+            self.files = files
+        return {
+            "routes": route_diff.to_dict(),
+            "relays": _relay_diff_rules(relay_diff, old.relays, new.relays),
+            "groups": group_diff,
+        }
+
+    def _not_in_file(self, identity: Any, text: str) -> None:
+        where = self.files.origins.get(identity)
+        if where is not None:
+            raise RuleInFile(text, where)
 
     # ------------------------------------------------------------ dispatch
 
@@ -156,6 +203,7 @@ class RuleService:
     def _route_add(self, cmd: RouteCommand) -> Any:
         route = cmd.route
         assert route is not None
+        self._not_in_file(route.key, str(route.key))
         old = next((r for r in self.rules.routes if r.key == route.key), None)
         if old is not None:
             return self._route_extend(old, route, cmd.dry_run)
@@ -197,6 +245,7 @@ class RuleService:
     def _route_del(self, cmd: RouteKeyCommand) -> Any:
         key = cmd.key
         assert key is not None
+        self._not_in_file(key, str(key))
         old = next((r for r in self.rules.routes if r.key == key), None)
         if old is None:
             raise NoSuchRule(str(key))
@@ -212,14 +261,21 @@ class RuleService:
         return {"route": old.to_dict(), "dry_run": cmd.dry_run}
 
     def _route_list(self, cmd: Command) -> Any:
-        return {"routes": [s.to_dict() for s in self.kernel.routes()]}
+        out = []
+        for status in self.kernel.routes():
+            d = status.to_dict()
+            route = getattr(status, "route", None)
+            d["origin"] = self.files.origins.get(getattr(route, "key", None), "state")
+            out.append(d)
+        return {"routes": out}
 
     # ------------------------------------------------------------ relays
 
     def _relay_add(self, cmd: RelayCommand) -> Any:
         relay = cmd.relay
         assert relay is not None
-        for r in self.rules.relays:
+        self._not_in_file(relay.name, f"relay {relay.name!r}")
+        for r in self.effective.relays:
             if r.name == relay.name:
                 raise RuleExists(f"relay {relay.name!r}")
             shared = sorted(r.input_keys() & relay.input_keys())
@@ -238,6 +294,7 @@ class RuleService:
         return {"relay": relay.to_dict(), "dry_run": cmd.dry_run}
 
     def _relay_del(self, cmd: NameCommand) -> Any:
+        self._not_in_file(cmd.name, f"relay {cmd.name!r}")
         old = next((r for r in self.rules.relays if r.name == cmd.name), None)
         if old is None:
             raise NoSuchRule(f"relay {cmd.name!r}")
@@ -263,6 +320,7 @@ class RuleService:
     def _group_join(self, cmd: GroupCommand) -> Any:
         join = cmd.join
         assert join is not None
+        self._not_in_file(join, str(join))
         if join in self.rules.groups:
             raise RuleExists(str(join))
         if not cmd.dry_run:
@@ -278,6 +336,7 @@ class RuleService:
     def _group_leave(self, cmd: GroupCommand) -> Any:
         join = cmd.join
         assert join is not None
+        self._not_in_file(join, str(join))
         if join not in self.rules.groups:
             raise NoSuchRule(str(join))
         if not cmd.dry_run:
@@ -296,26 +355,31 @@ class RuleService:
     # ------------------------------------------------------------ whole set
 
     def _config_apply(self, cmd: ApplyCommand) -> Any:
-        new, old = cmd.rules, self.rules
+        new = cmd.rules
         dry = cmd.dry_run
+        clash = overlap(new, self.files)
+        if clash:
+            raise RuleInFile(*clash[0])
+        # The engines see both layers; apply replaces the runtime layer only.
+        old, both = self.effective, merge(new, self.files.rules)
         # Plan first (validates against the kernel's limits, gives the diff), touch nothing.
-        route_diff = self.kernel.replace(new.routes, True)
-        relay_diff = self.relay_engine.replace(new.relays, True)
-        group_diff = self._replace_groups(old.groups, new.groups, True, Transaction("plan"))
+        route_diff = self.kernel.replace(both.routes, True)
+        relay_diff = self.relay_engine.replace(both.relays, True)
+        group_diff = self._replace_groups(old.groups, both.groups, True, Transaction("plan"))
         if not dry:
 
             def apply(tx: Transaction) -> None:
-                self.kernel.replace(new.routes)
+                self.kernel.replace(both.routes)
                 tx.on_failure("restore routes", lambda: self.kernel.replace(old.routes))
-                self.relay_engine.replace(new.relays)
+                self.relay_engine.replace(both.relays)
                 tx.on_failure("restore relays", lambda: self.relay_engine.replace(old.relays))
-                self._replace_groups(old.groups, new.groups, False, tx)
+                self._replace_groups(old.groups, both.groups, False, tx)
 
             self._persist_then("apply", new, apply)
         return {
             "diff": {
                 "routes": route_diff.to_dict(),
-                "relays": _relay_diff_rules(relay_diff, old.relays, new.relays),
+                "relays": _relay_diff_rules(relay_diff, old.relays, both.relays),
                 "groups": group_diff,
             },
             "dry_run": dry,
@@ -367,9 +431,9 @@ class RuleService:
             "version": __version__,
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 1),
-            "routes": len(self.rules.routes),
-            "relays": len(self.rules.relays),
-            "groups": len(self.rules.groups),
+            "routes": len(self.effective.routes),
+            "relays": len(self.effective.relays),
+            "groups": len(self.effective.groups),
             "workers": {
                 "configured": len(workers),
                 "running": sum(1 for w in workers if w.get("state") == "running"),
@@ -391,7 +455,7 @@ class RuleService:
     # ------------------------------------------------------------ tracing
 
     def _require_relay(self, name: str) -> None:
-        if not any(r.name == name for r in self.rules.relays):
+        if not any(r.name == name for r in self.effective.relays):
             raise NoSuchRule(f"relay {name!r}")
 
     def _trace_start(self, cmd: NameCommand) -> Any:

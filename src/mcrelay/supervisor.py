@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, protocol
+from . import __version__, protocol, rulefiles
 from .children import Backoff, describe_status
 from .config import (
     Settings,
@@ -37,6 +37,8 @@ from .control_messages import Call, ControlSettings, Reply
 from .errors import INTERNAL_ERROR, ConfigError, McrelayError, SettingsInvalid, StateFileError
 from .ipc import Channel, ProtocolViolation
 from .kernel.engine import KernelEngine
+from .kernel.mrdisc import Advertiser
+from .kernel.mroute import MrouteSocket
 from .membership import GroupJoins, Membership
 from .netlink import InterfaceTable
 from .reconcile import Reconciler
@@ -144,6 +146,8 @@ class Supervisor:
         self.reconciler = Reconciler([])
         self._dynamic: dict[int, tuple[int, Handler]] = {}  # worker channels in the selector
         self._parked: list[ParkedCall] = []
+        self._mrdisc_interfaces: tuple[str, ...] = ()  # from rule files (phyint ... mrdisc)
+        self.mrdisc: Advertiser | None = None
 
     # ------------------------------------------------------------ start-up
 
@@ -162,9 +166,11 @@ class Supervisor:
 
     def _run(self, rules: Any) -> int:
         interfaces = self.interfaces = InterfaceTable()
+        table = self.settings.table
         kernel = self.kernel = KernelEngine(
             interfaces.ifindex_of,
             learned_expiry=self.settings.learned_expiry,
+            socket_factory=lambda family: MrouteSocket(family, table),
             names=lambda: [i.name for i in interfaces.all()],
         )
         try:
@@ -203,7 +209,16 @@ class Supervisor:
         )
         relays.start()
         try:
-            self.service.restore(rules)
+            files = rulefiles.load(self.settings.rules)
+        except ConfigError as exc:
+            log.critical("%s", exc)
+            log.critical("refusing to start; check the rule files with 'mcrelayd --check'")
+            return 1
+        self._mrdisc_interfaces = files.mrdisc
+        self.mrdisc = Advertiser(lambda: [(i.name, i.ifindex) for i in interfaces.all() if i.up])
+        self._configure_mrdisc()
+        try:
+            self.service.restore(rules, files)
         except McrelayError as exc:
             log.critical("cannot re-apply the saved rules from %s: %s", self.settings.state, exc)
             log.critical("refusing to start; the state file was left as it is")
@@ -399,6 +414,11 @@ class Supervisor:
             log.exception("relay manager tick failed")
         if self.control.proc is None and now >= self.control.next_start:
             self._start_control(now)
+        if self.mrdisc is not None:
+            try:
+                self.mrdisc.tick(now)
+            except Exception:
+                log.exception("multicast router discovery failed")
         interval = self.notifier.watchdog_interval()
         if interval is not None and now - self._last_watchdog >= interval:
             self._last_watchdog = now
@@ -635,7 +655,7 @@ class Supervisor:
         steps after it do not run and the caller (SIGHUP or `daemon.reload`)
         gets that error. Further steps (re-applying rule files) are added here.
         """
-        return [self._reload_settings]
+        return [self._reload_settings, self._reload_rule_files]
 
     def reload(self, origin: str = "mcrelay reload", dry_run: bool = False) -> dict[str, Any]:
         """Re-read what can be re-read (SIGHUP and `daemon.reload`); the merged answers.
@@ -661,6 +681,33 @@ class Supervisor:
         """SIGHUP: as `mcrelay reload`; a failure is only logged (nobody waits for an answer)."""
         with contextlib.suppress(McrelayError):
             self.reload("SIGHUP")
+
+    def _configure_mrdisc(self) -> None:
+        if self.mrdisc is not None:
+            names = (*self.settings.mrdisc, *self._mrdisc_interfaces)
+            self.mrdisc.configure(names, self.settings.mrdisc_interval)
+
+    def _reload_rule_files(self, origin: str, dry_run: bool) -> dict[str, Any]:
+        """Rule-file step: re-read the files ``rules`` names, apply the difference at once."""
+        try:
+            files = rulefiles.load(self.settings.rules)
+        except ConfigError as exc:
+            log.error("%s: rule files not reloaded, keeping the current rules: %s", origin, exc)
+            raise SettingsInvalid(
+                f"rule files not reloaded, keeping the current rules: {exc}"
+            ) from None
+        diff = self.service.load_files(files, dry_run=dry_run)
+        if not dry_run:
+            self._mrdisc_interfaces = files.mrdisc
+            self._configure_mrdisc()
+            counts = {k: sum(len(v) for v in d.values()) for k, d in diff.items()}
+            log.info(
+                "%s: %d rule file(s) re-read (%s)",
+                origin,
+                len(files.files),
+                ", ".join(f"{n} {k} changed" for k, n in counts.items()),
+            )
+        return {"rule_files": list(files.files), "rules": diff}
 
     def _reload_settings(self, origin: str, dry_run: bool) -> dict[str, Any]:
         """Settings step: apply the reloadable keys now, name the ones needing a restart."""
@@ -720,6 +767,8 @@ class Supervisor:
         if self.interfaces is not None:
             with contextlib.suppress(Exception):
                 self.interfaces.close()
+        if self.mrdisc is not None:
+            self.mrdisc.close()
         if self.listener is not None:
             self.listener.close()
             with contextlib.suppress(OSError):

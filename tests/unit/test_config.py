@@ -74,6 +74,10 @@ def test_every_key_from_file(tmp_path: Path) -> None:
         max_line = 65536
         max_connections = 8
         idle_timeout = 2.5
+        table = 100
+        rules = ["/etc/mcrelay/rules.d/*.conf"]
+        mrdisc = ["eth+"]
+        mrdisc_interval = 30
         """,
     )
     s = load_settings(path, {})
@@ -91,6 +95,10 @@ def test_every_key_from_file(tmp_path: Path) -> None:
         "max_line": 65536,
         "max_connections": 8,
         "idle_timeout": 2.5,
+        "table": 100,
+        "rules": ("/etc/mcrelay/rules.d/*.conf",),
+        "mrdisc": ("eth+",),
+        "mrdisc_interval": 30,
     }
     assert s.metrics_address == ("::1", 9108)
     assert s.config_path == path

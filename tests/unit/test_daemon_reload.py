@@ -44,7 +44,11 @@ def heard(sock: socket.socket) -> list[str]:
 
 def supervisor(path: Path) -> Supervisor:
     sup = Supervisor(load_settings(str(path), {}), str(path), {})
-    sup.service = cast(Any, SimpleNamespace(rules=RuleSet()))
+    empty = {"added": [], "removed": [], "changed": []}
+    diff = {"routes": empty, "relays": empty, "groups": empty}
+    sup.service = cast(
+        Any, SimpleNamespace(rules=RuleSet(), load_files=lambda files, dry_run=False: diff)
+    )
     return sup
 
 
@@ -54,12 +58,14 @@ def test_reload_applies_what_it_can_and_names_what_needs_a_restart(
     path = tmp_path / "mcrelay.toml"
     path.write_text('log_level = "info"\nworkers = 1\n')
     sup = supervisor(path)
-    assert sup.reload() == {
+    answer = sup.reload()
+    assert {k: answer[k] for k in ("dry_run", "config", "changed", "restart_required")} == {
         "dry_run": False,
         "config": str(path),
         "changed": [],
         "restart_required": [],
     }
+    assert answer["rule_files"] == []  # no `rules` setting: no rule files
     path.write_text('log_level = "debug"\nworkers = 3\nmetrics_per_relay = false\n')
     assert sup.reload(dry_run=True)["changed"] == ["log_level", "metrics_per_relay"]
     assert sup.settings.log_level == "info"  # a dry run changes nothing

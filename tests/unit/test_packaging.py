@@ -135,6 +135,7 @@ def test_contents_and_ownership(deb: Path) -> None:
         "./usr/sbin/mcrelayd": "-rwxr-xr-x",
         "./usr/bin/mcrelay": "-rwxr-xr-x",
         "./lib/systemd/system/mcrelay.service": "-rw-r--r--",
+        "./lib/systemd/system/mcrelay@.service": "-rw-r--r--",
         "./usr/lib/sysusers.d/mcrelay.conf": "-rw-r--r--",
         "./etc/mcrelay/mcrelay.toml": "-rw-r--r--",
         "./usr/share/man/man8/mcrelay.8.gz": "-rw-r--r--",
@@ -327,6 +328,21 @@ def _subcommands(parser: object) -> dict[str, object]:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
+
+
+@needs_deb
+def test_the_template_unit_runs_named_instances_on_their_own_socket_and_state(
+    extracted: Path,
+) -> None:
+    unit = (extracted / "lib/systemd/system/mcrelay@.service").read_text()
+    assert unit == (TOP / "packaging" / "mcrelay@.service").read_text()
+    (start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert start == (
+        "ExecStart=/usr/sbin/mcrelayd --config /etc/mcrelay/%i.toml "
+        "--socket /run/mcrelay/%i.sock --state /var/lib/mcrelay/%i.json"
+    )
+    assert "Environment=MCRELAY_SOCKET=/run/mcrelay/%i.sock" in unit
+    assert "RuntimeDirectoryPreserve=yes" in unit
 
 
 @needs_deb

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import socket
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,9 +89,14 @@ class MrouteSocket:
     Opening it performs ``MRT_INIT``/``MRT6_INIT``, which makes this process the
     multicast router of the network namespace (only one per namespace and
     table: a second one gets EADDRINUSE). :meth:`close` undoes it.
+
+    ``table`` (non-zero) binds the socket to that multicast routing table with
+    ``MRT_TABLE``/``MRT6_TABLE`` before the init, so several daemons can route
+    side by side (``ip mrule`` picks the table per packet); 0 is the kernel's
+    default table.
     """
 
-    def __init__(self, family: int) -> None:
+    def __init__(self, family: int, table: int = 0) -> None:
         if family not in (4, 6):
             raise ValueError(f"family must be 4 or 6, got {family}")
         self._family = family
@@ -108,6 +114,17 @@ class MrouteSocket:
             raise _refused("socket", exc, f"raw IPv{family} mroute socket") from exc
         try:
             self._sock.setblocking(False)
+            if table:
+                opt, name = (
+                    (s.MRT_TABLE, "MRT_TABLE") if family == 4 else (s.MRT6_TABLE, "MRT6_TABLE")
+                )
+                try:
+                    self._sock.setsockopt(self._level, opt, struct.pack("=I", table))
+                except OSError as exc:
+                    detail = f"table {table}"
+                    if exc.errno == errno.ENOPROTOOPT:
+                        detail += ": this kernel has no multiple multicast routing tables"
+                    raise _refused(name, exc, detail) from exc
             try:
                 self._sock.setsockopt(self._level, self._init_op, s.INT.pack(1))
             except OSError as exc:
