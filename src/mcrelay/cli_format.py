@@ -201,7 +201,8 @@ def describe_route(route: Any) -> str:
     source = _get(route, "source") or "*"
     text = f"route ({source}, {_get(route, 'group', MISSING)}) on {_get(route, 'iif', MISSING)}"
     if "oifs" in route:
-        text += f" -> {oifs_text(_get(route, 'oifs'))}"
+        oifs = _get(route, "oifs")
+        text += f" -> {oifs_text(oifs)}" if oifs else ": stop filter (no outputs: blocked)"
     return text
 
 

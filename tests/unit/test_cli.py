@@ -725,7 +725,7 @@ def test_apply_sends_the_rules_without_version_and_prints_the_diff(
     }
     assert run.out == (
         "+ route (*, 239.1.1.1) on eth0 -> eth1\n"
-        "- route (10.0.0.1, 239.9.9.9) on eth0 -> -\n"
+        "- route (10.0.0.1, 239.9.9.9) on eth0: stop filter (no outputs: blocked)\n"
         "~ relay tv1: 239.1.1.1:5000@eth0 -> 239.2.2.2:6000@eth1,ttl=16,dscp=EF (packet)\n"
         "1 added, 1 removed, 1 changed\n"
     )
