@@ -23,6 +23,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ class Peer:
     inflight: int = 0  # requests forwarded to the supervisor, not yet answered
     events: int = 0  # what the selector watches for this peer (0: not registered)
     traces: set[str] = field(default_factory=set)  # relays this connection is tracing
+    handler: Callable[[int], None] | None = None  # its selector callback, once registered
 
     def may(self, access: str, settings: ControlSettings) -> bool:
         if self.uid == 0:
@@ -136,31 +138,32 @@ class ControlServer:
         self.seq = 0
         self.running = True
         listener.setblocking(False)
-        self.sel.register(listener, selectors.EVENT_READ, "accept")
-        self.sel.register(channel.sock, selectors.EVENT_READ, "channel")
+        # Each descriptor is registered with its handler (called with the events).
+        self.sel.register(listener, selectors.EVENT_READ, lambda events: self._accept())
+        self.sel.register(channel.sock, selectors.EVENT_READ, self._on_channel)
 
     def run(self) -> None:
         while self.running:
             timeout = self._next_timeout()
             for key, events in self.sel.select(timeout):
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "channel":
-                    if events & selectors.EVENT_WRITE:
-                        self._flush_channel()
-                    if events & selectors.EVENT_READ:
-                        self._from_supervisor()
-                else:
-                    peer = self.peers.get(key.fd)
-                    if peer is None or peer.sock is not key.fileobj:
-                        continue
-                    if events & selectors.EVENT_WRITE:
-                        self._flush(peer)
-                    if events & selectors.EVENT_READ and peer.sock.fileno() in self.peers:
-                        self._read(peer)
-                    if peer.sock.fileno() in self.peers:
-                        self._process(peer)
+                key.data(events)
             self._expire_idle()
+
+    def _on_channel(self, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self._flush_channel()
+        if events & selectors.EVENT_READ:
+            self._from_supervisor()
+
+    def _on_peer(self, peer: Peer, events: int) -> None:
+        if self.peers.get(peer.sock.fileno()) is not peer:
+            return
+        if events & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if events & selectors.EVENT_READ and peer.sock.fileno() in self.peers:
+            self._read(peer)
+        if peer.sock.fileno() in self.peers:
+            self._process(peer)
 
     # ------------------------------------------------------------ connections
 
@@ -209,11 +212,12 @@ class ControlServer:
         if events == peer.events:
             return
         if peer.events == 0:
-            self.sel.register(peer.sock, events, "peer")
+            peer.handler = lambda ev, peer=peer: self._on_peer(peer, ev)
+            self.sel.register(peer.sock, events, peer.handler)
         elif events == 0:
             self.sel.unregister(peer.sock)
         else:
-            self.sel.modify(peer.sock, events, "peer")
+            self.sel.modify(peer.sock, events, peer.handler)
         peer.events = events
 
     def _drop_hung_up(self) -> None:
@@ -344,7 +348,7 @@ class ControlServer:
 
     def _watch_channel(self) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.channel.wants_write else 0)
-        self.sel.modify(self.channel.sock, events, "channel")
+        self.sel.modify(self.channel.sock, events, self._on_channel)
 
     # ------------------------------------------------------------ requests
 
