@@ -32,6 +32,7 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 NETLINK_ROUTE = 0
 DOORBELL_RCVBUF = 1 << 20
+LAST_INDEX_MAX = 4096
 
 log = logging.getLogger("mcrelay.netlink")
 
@@ -47,6 +48,7 @@ class Interface:
     ifindex: int
     up: bool
     addresses: set[str] = field(default_factory=set)
+    broadcasts: set[str] = field(default_factory=set)  # IPv4 directed broadcasts (IFA_BROADCAST)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,9 @@ class InterfaceTable:
         self.listeners: list[Listener] = []
         self.generation = 0
         self.stale = False
+        # name -> the index it last had, to tell a rename from a deletion;
+        # bounded, since names come and go (a burst of veths).
+        self._last_index: dict[str, int] = {}
         self._ipr: IPRoute | None = None
         if dump is None:
             self._ipr = IPRoute()
@@ -115,6 +120,27 @@ class InterfaceTable:
 
     def has_address(self, address: str) -> bool:
         return any(address in i.addresses for i in self.by_index.values())
+
+    def receives_on(self, address: str) -> bool:
+        """True if packets to this unicast or directed broadcast address reach this host."""
+        return any(
+            address in i.addresses or address in i.broadcasts for i in self.by_index.values()
+        )
+
+    def why_unusable(self, name: str) -> str | None:
+        """Why a rule cannot use interface ``name`` now (None: present and up).
+
+        ``interface renamed to X`` when the index the name last had now has
+        another name; ``interface missing`` for a name never seen or deleted.
+        """
+        itf = self._by_name.get(name)
+        if itf is not None:
+            return None if itf.up else "interface down"
+        last = self._last_index.get(name)
+        moved = self.by_index.get(last) if last is not None else None
+        if moved is not None:
+            return f"interface renamed to {moved.name}"
+        return "interface missing"
 
     def all(self) -> list[Interface]:
         return sorted(self.by_index.values(), key=lambda i: i.ifindex)
@@ -152,6 +178,9 @@ class InterfaceTable:
             address = msg.get_attr("IFA_ADDRESS")
             if itf is not None and address is not None:
                 itf.addresses.add(address)
+            brd = msg.get_attr("IFA_BROADCAST") if itf is not None else None
+            if itf is not None and brd is not None:
+                itf.broadcasts.add(brd)
         before = {i.name: (i.ifindex, i.up) for i in self.by_index.values()}
         after = {i.name: (i.ifindex, i.up) for i in by_index.values()}
         changed = frozenset(
@@ -162,6 +191,9 @@ class InterfaceTable:
         }
         self.by_index = by_index
         self._by_name = {i.name: i for i in by_index.values()}
+        if len(self._last_index) > LAST_INDEX_MAX:
+            self._last_index.clear()
+        self._last_index.update((i.name, i.ifindex) for i in by_index.values())
         if changed or addresses_moved:
             self.generation += 1
         if changed and notify:

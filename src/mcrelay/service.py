@@ -59,7 +59,7 @@ class Relays(Protocol):
     def relays(self) -> list[dict[str, Any]]: ...
     def workers(self) -> list[dict[str, Any]]: ...
     def warnings(self) -> list[str]: ...
-    def trace_start(self, name: str) -> None: ...
+    def trace_start(self, name: str) -> int | None: ...
     def trace_stop(self, name: str) -> None: ...
     def trace_read(self, name: str, cursor: int) -> tuple[list[dict[str, Any]], int]: ...
 
@@ -439,12 +439,17 @@ class RuleService:
                 "running": sum(1 for w in workers if w.get("state") == "running"),
                 "restarts": sum(int(w.get("restarts", 0)) for w in workers),
             },
-            "warnings": self.relay_engine.warnings(),
+            "warnings": [*self._route_warnings(), *self.relay_engine.warnings()],
         }
         extra = dict(self._status_extra())
         status["warnings"] = [*extra.pop("warnings", []), *status["warnings"]]
         status.update(extra)
         return status
+
+    def _route_warnings(self) -> list[str]:
+        """Kernel routes waiting or partial, with the reason (an engine without them: none)."""
+        warnings = getattr(self.kernel, "warnings", None)
+        return list(warnings()) if callable(warnings) else []
 
     def _daemon_reload(self, cmd: Command) -> Any:
         """Re-read the settings (the supervisor's reload, also run on SIGHUP); what changed."""
@@ -460,8 +465,11 @@ class RuleService:
 
     def _trace_start(self, cmd: NameCommand) -> Any:
         self._require_relay(cmd.name)
-        self.relay_engine.trace_start(cmd.name)
-        return {"name": cmd.name, "tracing": True}
+        cursor = self.relay_engine.trace_start(cmd.name)
+        result: dict[str, Any] = {"name": cmd.name, "tracing": True}
+        if cursor is not None:
+            result["cursor"] = cursor  # read from here: records of this trace only
+        return result
 
     def _trace_stop(self, cmd: NameCommand) -> Any:
         self._require_relay(cmd.name)

@@ -172,6 +172,7 @@ class Supervisor:
             learned_expiry=self.settings.learned_expiry,
             socket_factory=lambda family: MrouteSocket(family, table),
             names=lambda: [i.name for i in interfaces.all()],
+            explain=interfaces.why_unusable,
         )
         try:
             kernel.open()
@@ -188,6 +189,8 @@ class Supervisor:
             ifindex_of=interfaces.ifindex_of,
             membership=membership,
             log=logging.getLogger("mcrelay.relay"),
+            why_unusable=interfaces.why_unusable,
+            receives_on=interfaces.receives_on,
         )
         # Each engine converges on its own; memberships first so that a relay
         # input's group is joined by the time its socket opens.

@@ -184,17 +184,20 @@ def test_counters_come_from_kernel() -> None:
     eng.add_route(r("eth1", "192.0.2.1", "239.1.1.1", "eth2"))
     k.tables[4].counts[("192.0.2.1", "239.1.1.1")] = SgCount(7, 700, 2)
     d = eng.routes()[0].to_dict()
+    since = d.pop("counters_since")
+    assert isinstance(since, float) and since > 0
     assert d == {
         "iif": "eth1",
         "source": "192.0.2.1",
         "group": "239.1.1.1",
-        "oifs": [{"name": "eth2", "ttl": 1}],
+        "oifs": [{"name": "eth2", "ttl": 1, "state": "active"}],
         "family": 4,
         "state": "active",
         "packets": 7,
         "bytes": 700,
         "wrong_if": 2,
         "learned": [],
+        "counter_resets": 0,
     }
 
 
@@ -383,13 +386,13 @@ def test_missing_iif_waits_and_missing_oif_is_left_out() -> None:
     eng, k = make(links)
     eng.add_route(r("late0", "192.0.2.1", "239.1.1.1", "eth2"))
     eng.add_route(r("eth1", "192.0.2.2", "239.1.1.2", "eth2", "late1"))
-    assert [s.state for s in eng.routes()] == ["waiting", "active"]
+    assert [s.state for s in eng.routes()] == ["waiting", "partial"]
     assert k.tables[4].mfc == {("192.0.2.2", "239.1.1.2"): (0, {1: 1})}
     assert k.tables[4].vifs == {0: 11, 1: 12}
 
     links.idx["late0"] = 50
     eng.interface_changed("late0", 50)
-    assert [s.state for s in eng.routes()] == ["active", "active"]
+    assert [s.state for s in eng.routes()] == ["active", "partial"]
     assert k.tables[4].mfc[("192.0.2.1", "239.1.1.1")] == (2, {1: 1})
 
     links.idx["late1"] = 51
@@ -434,7 +437,7 @@ def test_oif_recreated_rewrites_vif_and_mfc() -> None:
     k.unregister(88)
     eng.interface_changed("eth2", None)
     assert k.tables[4].mfc[("192.0.2.1", "239.1.1.1")] == (0, {2: 1})
-    assert eng.routes()[0].state == "active"
+    assert eng.routes()[0].state == "partial"
 
 
 def test_interface_change_failure_rolls_back_then_converges() -> None:
@@ -681,3 +684,97 @@ def test_a_wildcard_input_learns_on_the_interface_the_stream_arrives_on() -> Non
     names = {v.slot: v.name for v in eng.vifs(4)}
     assert names[parent] == "eth2"
     assert {names[s] for s in oifs} == {"dn1", "eth1"}, "never back out of its own input"
+
+
+# ---------------------------------------------------------------- states and counters
+
+
+def test_each_output_has_a_state_and_a_rule_says_why_it_is_not_active() -> None:
+    links = std_links()
+    why = {"gone0": "interface missing", "dn9": "interface down", "old1": "interface renamed to x"}
+    kernel = FakeKernel()
+    eng = KernelEngine(
+        links, socket_factory=kernel.socket, names=lambda: list(links.idx), explain=why.get
+    )
+    eng.open()
+    eng.add_route(r("eth1", "192.0.2.1", "239.1.1.1", "eth2", "dn9", "old1"))
+    eng.add_route(r("gone0", "192.0.2.2", "239.1.1.2", "eth2"))
+    eng.add_route(r("eth1", "192.0.2.3", "239.1.1.3", "eth3", "eth+"))
+    eng.add_route(r("eth1", "192.0.2.4", "239.1.1.4", "zz+"))  # a wildcard matching nothing
+    st = {str(s.route.group): s.to_dict() for s in eng.routes()}
+    one = st["239.1.1.1"]
+    assert one["state"] == "partial"
+    assert one["reason"] == "dn9 interface down; old1 interface renamed to x"
+    assert [(o["name"], o["state"], o.get("reason")) for o in one["oifs"]] == [
+        ("eth2", "active", None),
+        ("dn9", "waiting", "interface down"),
+        ("old1", "waiting", "interface renamed to x"),
+    ]
+    assert st["239.1.1.2"]["state"] == "waiting"
+    assert st["239.1.1.2"]["reason"] == "input interface missing"
+    assert st["239.1.1.3"]["state"] == "active" and "reason" not in st["239.1.1.3"]
+    assert st["239.1.1.3"]["oifs"][1]["matches"][:2] == ["eth1", "eth2"]
+    assert st["239.1.1.4"]["state"] == "active"  # nothing to wait for
+    assert st["239.1.1.4"]["oifs"] == [{"name": "zz+", "ttl": 1, "state": "active", "matches": []}]
+    assert eng.warnings() == [
+        "route (192.0.2.1, 239.1.1.1) on eth1: output dn9 interface down; "
+        "old1 interface renamed to x",
+        "route (192.0.2.2, 239.1.1.2) on gone0 waits: input interface missing",
+    ]
+
+
+def test_a_route_that_does_not_fit_the_vif_table_says_so() -> None:
+    links = std_links(40)
+    eng, _k = make(links)
+    for i in range(31):  # o0..o31: 32 VIFs
+        eng.add_route(r(f"o{i}", "192.0.2.1", f"239.1.1.{i}", f"o{i + 1}"))
+    # late33 appears: the route naming it waits with a reason (the table is full)
+    eng.add_route(r("late33", "192.0.2.9", "239.1.2.1", "eth1"))
+    links.idx["late33"] = 233
+    eng.interface_changed("late33", 233)
+    last = eng.get(RouteKey("late33", "192.0.2.9", "239.1.2.1"))
+    assert (last.state, last.reason) == ("waiting", "IPv4 VIF table full")
+    assert "route (192.0.2.9, 239.1.2.1) on late33 waits: IPv4 VIF table full" in eng.warnings()
+
+
+def test_counters_survive_an_input_flap_and_an_output_recreation() -> None:
+    links = std_links()
+    eng, k = make(links)
+    eng.add_route(r("eth1", "192.0.2.1", "239.1.1.1", "eth2"))
+    sg = ("192.0.2.1", "239.1.1.1")
+    k.tables[4].counts[sg] = SgCount(400, 40000, 3)
+    since = eng.routes()[0].counters_since
+    # the input goes down: the engine removes the entry (the kernel forgets 400)
+    del links.idx["eth1"]
+    eng.interface_changed("eth1", None)
+    st = eng.routes()[0]
+    assert (st.state, st.packets, st.bytes, st.wrong_if) == ("waiting", 400, 40000, 3)
+    links.idx["eth1"] = 11
+    eng.interface_changed("eth1", 11)
+    assert k.tables[4].counts[sg] == SgCount(0, 0, 0)  # the kernel's new entry
+    k.tables[4].counts[sg] = SgCount(5, 500, 0)
+    st = eng.routes()[0]
+    assert (st.state, st.packets, st.bytes, st.counter_resets) == ("active", 405, 40500, 1)
+    assert st.counters_since == since
+    # an output re-created: the entry is rewritten in place, nothing is lost or doubled
+    eng.interface_changed("eth2", 88)
+    k.tables[4].counts[sg] = SgCount(7, 700, 0)
+    assert eng.routes()[0].packets == 407
+    # a route removed and added again starts from zero
+    eng.del_route(RouteKey("eth1", "192.0.2.1", "239.1.1.1"))
+    eng.add_route(r("eth1", "192.0.2.1", "239.1.1.1", "eth2"))
+    assert (eng.routes()[0].packets, eng.routes()[0].counter_resets) == (0, 0)
+
+
+def test_a_template_keeps_what_expired_and_flapped_sources_counted() -> None:
+    links = std_links()
+    eng, k = make(links, expiry=10.0)
+    eng.add_route(r("eth1", None, "239.1.1.1", "eth2"))
+    k.upcalls[4].append(Upcall(4, UpcallKind.NOCACHE, 0, "192.0.2.7", "239.1.1.1"))
+    eng.handle_readable(104, 0.0)
+    k.tables[4].counts[("192.0.2.7", "239.1.1.1")] = SgCount(50, 5000, 0)
+    eng.expire(1.0)  # seen moving
+    eng.expire(20.0)  # idle since: expired
+    assert ("192.0.2.7", "239.1.1.1") not in k.tables[4].mfc
+    st = eng.routes()[0]
+    assert (st.packets, st.bytes, st.learned) == (50, 5000, ())

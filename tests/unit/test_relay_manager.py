@@ -197,3 +197,123 @@ def test_replace_rolls_back_to_the_old_relays_when_a_new_input_is_refused(s: Set
         s.mgr.replace([relay("keep", port=5000), bad])
     assert [r["name"] for r in s.mgr.relays()] == ["keep"]
     assert s.membership.refs == {("up0", "239.1.1.1", None): 1}
+
+
+class Host:
+    """The interface table's answers the manager asks: reasons and addresses."""
+
+    def __init__(self) -> None:
+        self.why: dict[str, str] = {}
+        self.addresses: set[str] = set()
+
+    def why_unusable(self, name: str) -> str | None:
+        return self.why.get(name)
+
+    def receives_on(self, address: str) -> bool:
+        return address in self.addresses
+
+
+def with_host(workers: int = 2) -> tuple[Setup, Host]:
+    s, host = Setup(workers), Host()
+    s.mgr = RelayManager(
+        workers=workers,
+        user="nobody",
+        ifindex_of=s.ifaces.get,
+        membership=s.membership,  # type: ignore[arg-type]
+        log=LOG,
+        pool_factory=FakePool,  # type: ignore[arg-type]
+        openers=s.openers,
+        why_unusable=host.why_unusable,
+        receives_on=host.receives_on,
+    )
+    s.pool = s.mgr.pool  # type: ignore[assignment]
+    return s, host
+
+
+def two_outputs(name: str = "tv") -> Relay:
+    return Relay(
+        name,
+        RelayInput("up0", "239.1.1.1", 5000),
+        (RelayOutput("239.9.9.9", 6000, "dn1", 8), RelayOutput("239.9.9.8", 6000, "dn9", 8)),
+    )
+
+
+def test_outputs_carry_their_reason_and_a_rule_with_some_waiting_is_partial() -> None:
+    s, host = with_host()
+    host.why["dn9"] = "interface down"
+    s.mgr.add(two_outputs())
+    (listed,) = s.mgr.relays()
+    assert (listed["state"], listed["reason"]) == ("partial", "dn9 interface down")
+    assert [(o["state"], o.get("reason")) for o in listed["outputs"]] == [
+        ("active", None),
+        ("waiting", "interface down"),
+    ]
+    assert "relay tv: output dn9 waits: interface down" in s.mgr.warnings()
+    host.why["up0"] = "interface renamed to wan0"
+    del s.ifaces["up0"]
+    s.mgr.reconcile()
+    (listed,) = s.mgr.relays()
+    assert (listed["state"], listed["reason"]) == ("waiting", "input interface renamed to wan0")
+    assert "relay tv waits: input interface renamed to wan0" in s.mgr.warnings()
+    s.ifaces.update(up0=10, dn9=19)
+    s.mgr.reconcile()
+    (listed,) = s.mgr.relays()
+    assert listed["state"] == "active" and "reason" not in listed
+
+
+def unicast(mode: str = "packet") -> Relay:
+    return Relay(
+        "feed",
+        RelayInput("up0", "198.51.100.1", 5000),
+        (RelayOutput("239.9.9.9", 6000, "dn1", 8),),
+        mode,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("mode", ["packet", "socket"])
+def test_a_unicast_input_waits_until_the_host_has_its_address(mode: str) -> None:
+    s, host = with_host()
+    s.mgr.add(unicast(mode))  # accepted: DHCP or PPPoE may bring the address later
+    (listed,) = s.mgr.relays()
+    assert (listed["state"], listed["reason"]) == ("waiting", "input address not on this host")
+    assert s.openers.open_now() == [] and s.last_table().entries == ()
+    assert "relay feed waits: input address not on this host" in s.mgr.warnings()
+    host.addresses.add("198.51.100.1")  # the address arrives (the interface generation moves)
+    s.mgr.reconcile()
+    (listed,) = s.mgr.relays()
+    assert listed["state"] == "active"
+    assert s.last_table().entries[0].name == "feed"
+    host.addresses.clear()  # the lease ends: the input closes and waits again
+    s.mgr.reconcile()
+    assert s.mgr.relays()[0]["state"] == "waiting" and s.last_table().entries == ()
+
+
+def test_input_drops_and_counters_survive_an_input_flap() -> None:
+    s, _host = with_host()
+    s.mgr.add(relay())
+    since = s.mgr.relays()[0]["counters_since"]
+    rid = s.last_table().entries[0].id
+    s.mgr.on_message(0, stats(rid, 40), 0.0)
+    s.openers.packet_stats = lambda sock: (10, 3)  # type: ignore[method-assign]
+    s.mgr.inputs.poll_drops()
+    assert s.mgr.relays()[0]["input_drops"] == 6
+    s.ifaces["up0"] = 20  # re-created: fresh AF_PACKET sockets, the kernel's counts start at 0
+    s.mgr.reconcile()
+    s.openers.packet_stats = lambda sock: (1, 1)  # type: ignore[method-assign]
+    s.mgr.inputs.poll_drops()
+    (listed,) = s.mgr.relays()
+    assert listed["input_drops"] == 8
+    assert listed["packets"] == 40 and listed["counters_since"] == since
+
+
+def test_a_trace_starts_after_the_records_of_earlier_traces() -> None:
+    s, _host = with_host()
+    s.mgr.add(relay())
+    rid = s.last_table().entries[0].id
+    first = s.mgr.trace_start("tv")
+    old = m.Stats(1, (), {}, 0.1, {str(rid): [{"time": 1.0, "size": 5}] * 3})
+    s.mgr.on_message(0, old, 0.0)
+    s.mgr.trace_stop("tv")
+    cursor = s.mgr.trace_start("tv")
+    assert (first, cursor) == (0, 3)
+    assert s.mgr.trace_read("tv", cursor) == ([], 3)

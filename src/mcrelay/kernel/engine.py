@@ -33,8 +33,11 @@ from .vifs import VifTable
 
 log = logging.getLogger(__name__)
 
-State = Literal["active", "waiting"]
+State = Literal["active", "partial", "waiting"]
 Resolver = Callable[[str], int | None]
+# Why an interface cannot be used now ("interface down", "interface missing",
+# "interface renamed to X"); None when it can.
+Explainer = Callable[[str], str | None]
 Names = Callable[[], Iterable[str]]
 SocketFactory = Callable[[int], MrouteApi]
 
@@ -93,8 +96,29 @@ class LearnedSource:
 
 
 @dataclass(frozen=True, slots=True)
+class OifState:
+    """One output of a route now: ``reason`` None when it forwards.
+
+    A wildcard output (``eth+``) is never waiting: it stands for whatever
+    matches now (``matches``), possibly nothing.
+    """
+
+    name: str
+    reason: str | None = None
+    matches: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteStatus:
-    """A route as the kernel sees it: installed or waiting, with counters."""
+    """A route as the kernel sees it, with counters that survive kernel resets.
+
+    ``state`` is ``active`` when the input and every output are in place,
+    ``partial`` when some outputs wait, ``waiting`` when the route is not in
+    the kernel (``reason`` says why). ``packets``/``bytes``/``wrong_if`` are
+    the kernel's MFC counters (bytes: whole IP packets as received) plus what
+    the entries counted before the engine removed or rewrote them since
+    ``counters_since`` (Unix time the route was first installed).
+    """
 
     route: Route
     state: State
@@ -102,17 +126,33 @@ class RouteStatus:
     bytes: int = 0
     wrong_if: int = 0
     learned: tuple[LearnedSource, ...] = ()
+    reason: str | None = None
+    oif_states: tuple[OifState, ...] = ()
+    counters_since: float | None = None
+    counter_resets: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the route's fields plus state and counters)."""
         d = _route_dict(self.route)
+        states = {o.name: o for o in self.oif_states}
+        for od in d["oifs"]:
+            st = states.get(od["name"])
+            od["state"] = "waiting" if st is not None and st.reason else "active"
+            if st is not None and st.reason:
+                od["reason"] = st.reason
+            if st is not None and st.matches is not None:
+                od["matches"] = list(st.matches)
         d.update(
             state=self.state,
             packets=self.packets,
             bytes=self.bytes,
             wrong_if=self.wrong_if,
             learned=[ls.to_dict() for ls in self.learned],
+            counters_since=self.counters_since,
+            counter_resets=self.counter_resets,
         )
+        if self.reason:
+            d["reason"] = self.reason
         return d
 
 
@@ -230,8 +270,10 @@ class KernelEngine:
         learned_expiry: float = 60.0,
         socket_factory: SocketFactory = MrouteSocket,
         names: Names = tuple,
+        explain: Explainer | None = None,
     ) -> None:
         self._resolve = resolve
+        self._explain = explain
         self._names_now = names  # every interface name there is (for eth+ wildcards)
         self.learned_expiry = learned_expiry
         self._factory = socket_factory
@@ -245,6 +287,10 @@ class KernelEngine:
         self._dirty = False
         # (family, source, group) -> (input VIF slot, when) of unwanted NOCACHE upcalls.
         self._recent: dict[MfcKey, tuple[int, float]] = {}
+        # Counters of MFC entries the engine removed (the kernel's restart at 0
+        # when an entry is re-added), per route, so a flap never resets a route.
+        self._absorbed: dict[RouteKey, list[int]] = {}  # packets, bytes, wrong_if, resets
+        self._since: dict[RouteKey, float] = {}  # Unix time a route was first installed
 
     # ------------------------------------------------------------ lifecycle
 
@@ -354,6 +400,17 @@ class KernelEngine:
     def routes(self) -> list[RouteStatus]:
         """Every wanted route with its state and kernel counters."""
         return [self._status(route) for route in self._routes.values()]
+
+    def warnings(self) -> list[str]:
+        """Routes not wholly in the kernel and why, for ``status`` (no counter reads)."""
+        out = []
+        for route in self._routes.values():
+            state, reason, _ = self._states(route)
+            if state == "waiting":
+                out.append(f"{route.key} waits: {reason}")
+            elif state == "partial":
+                out.append(f"{route.key}: output {reason}")
+        return out
 
     def get(self, key: RouteKey) -> RouteStatus:
         """One route's status; NoSuchRule if unknown."""
@@ -557,11 +614,13 @@ class KernelEngine:
         return removed
 
     def _forget_learned(self, mkey: MfcKey) -> bool:
+        count = self._count(mkey)
         try:
             self._del_mfc(*mkey)
         except KernelRefused as exc:
             log.warning("could not remove (%s, %s): %s", mkey[1], mkey[2], exc)
             return False
+        self._absorb(self._k.owner.get(mkey), count, self._routes, reset=False)
         self._k.mfc.pop(mkey, None)
         self._k.owner.pop(mkey, None)
         self._learned.pop(mkey, None)
@@ -711,9 +770,18 @@ class KernelEngine:
         steps = self._plan(self._k, target)
         if dry_run:
             return steps
+        gone = {k: self._count(k) for k in self._k.mfc if k not in target.mfc}
         run_transaction(steps)
+        for mkey, count in gone.items():
+            self._absorb(self._k.owner.get(mkey), count, routes)
         self._k = target
         self._routes = dict(routes)
+        now = time.time()
+        for key in target.active:
+            self._since.setdefault(key, now)
+        for key in [k for k in self._since if k not in self._routes]:
+            del self._since[key]
+            self._absorbed.pop(key, None)
         self._learned = {k: v for k, v in learned.items() if k in target.mfc}
         referenced = {n for r in self._routes.values() for n in self._concrete(r)}
         self._ifindex = {n: i for n, i in self._ifindex.items() if n in referenced}
@@ -794,24 +862,99 @@ class KernelEngine:
             return None
         return None if c is None else (c.packets, c.bytes, c.wrong_if)
 
-    def _status(self, route: Route) -> RouteStatus:
+    def _absorb(
+        self,
+        owner: RouteKey | None,
+        count: tuple[int, int, int] | None,
+        routes: Mapping[RouteKey, Route],
+        reset: bool = True,
+    ) -> None:
+        """Keep what a removed MFC entry counted in its route's totals.
+
+        ``reset``: the entry went because an interface moved (it is counted
+        as a reset); an idle learned source that expired is not one.
+        """
+        if owner is None or owner not in routes:
+            return
+        acc = self._absorbed.setdefault(owner, [0, 0, 0, 0])
+        for i, v in enumerate(count or (0, 0, 0)):
+            acc[i] += v
+        if reset and route_has_counted(count):
+            acc[3] += 1
+
+    def _why(self, name: str) -> str:
+        """The reason interface ``name`` is not usable, as the interface table says."""
+        why = self._explain(name) if self._explain is not None else None
+        return why or "interface missing"
+
+    def _states(self, route: Route) -> tuple[State, str | None, tuple[OifState, ...]]:
+        """A route's state, its reason and each output's state, from what the engine holds."""
         if route.key not in self._k.active:
-            return RouteStatus(route, "waiting")
+            if route.family not in self._socks:
+                return "waiting", f"IPv{route.family} multicast routing unavailable", ()
+            inputs = [n for n in self._concrete(route) if ifname_matches(route.iif, n)]
+            if not any(self._ifindex.get(n) is not None for n in inputs):
+                why = "no interface matches" if is_wildcard(route.iif) else self._why(route.iif)
+                return "waiting", f"input {why}", ()
+            return "waiting", f"IPv{route.family} VIF table full", ()
+        oifs: list[OifState] = []
+        for o in route.oifs:
+            if is_wildcard(o.name):
+                names = tuple(sorted(n for n in self._concrete(route) if ifname_matches(o.name, n)))
+                oifs.append(OifState(o.name, None, names))
+            elif self._ifindex.get(o.name) is None:
+                oifs.append(OifState(o.name, self._why(o.name)))
+            else:
+                oifs.append(OifState(o.name))
+        waiting = [o for o in oifs if o.reason]
+        if waiting:
+            return "partial", "; ".join(f"{o.name} {o.reason}" for o in waiting), tuple(oifs)
+        return "active", None, tuple(oifs)
+
+    def _status(self, route: Route) -> RouteStatus:
+        state, reason, oifs = self._states(route)
+        base = self._absorbed.get(route.key, [0, 0, 0, 0])
+        since, resets = self._since.get(route.key), base[3]
+        if state == "waiting":
+            return RouteStatus(
+                route,
+                state,
+                base[0],
+                base[1],
+                base[2],
+                reason=reason,
+                counters_since=since,
+                counter_resets=resets,
+            )
+        learned: list[LearnedSource] = []
         if not route.is_template:
             sg = self._count((route.family, str(route.source), route.group)) or (0, 0, 0)
-            return RouteStatus(route, "active", *sg)
-        learned: list[LearnedSource] = []
-        for mkey, owner in self._k.owner.items():
-            rec = self._learned.get(mkey)
-            if owner != route.key or rec is None:
-                continue
-            c = self._count(mkey) or (rec.packets, rec.bytes, rec.wrong_if)
-            learned.append(LearnedSource(mkey[1], *c, group=mkey[2], iif=rec.iif))
+        else:
+            for mkey, owner in self._k.owner.items():
+                rec = self._learned.get(mkey)
+                if owner != route.key or rec is None:
+                    continue
+                c = self._count(mkey) or (rec.packets, rec.bytes, rec.wrong_if)
+                learned.append(LearnedSource(mkey[1], *c, group=mkey[2], iif=rec.iif))
+            sg = (
+                sum(ls.packets for ls in learned),
+                sum(ls.bytes for ls in learned),
+                sum(ls.wrong_if for ls in learned),
+            )
         return RouteStatus(
             route,
-            "active",
-            sum(ls.packets for ls in learned),
-            sum(ls.bytes for ls in learned),
-            sum(ls.wrong_if for ls in learned),
+            state,
+            sg[0] + base[0],
+            sg[1] + base[1],
+            sg[2] + base[2],
             tuple(learned),
+            reason=reason,
+            oif_states=oifs,
+            counters_since=since,
+            counter_resets=resets,
         )
+
+
+def route_has_counted(count: tuple[int, int, int] | None) -> bool:
+    """True when an entry being removed had counted anything (a reset worth reporting)."""
+    return count is not None and any(count)

@@ -34,7 +34,7 @@ from typing import Any
 
 from mcrelay.errors import KernelRefused, McrelayError, NoSuchRule, RuleExists
 from mcrelay.membership import Membership
-from mcrelay.model import MDNS_TTL, Relay, RelayOutput, is_mdns
+from mcrelay.model import LIMITED_BROADCAST, MDNS_TTL, Relay, RelayOutput, is_mdns
 from mcrelay.relay import messages as m
 from mcrelay.relay.counters import Counters
 from mcrelay.relay.inputs import (
@@ -80,9 +80,16 @@ class RelayManager:
         log: logging.Logger,
         pool_factory: PoolFactory = WorkerPool,
         openers: Openers | None = None,
+        why_unusable: Callable[[str], str | None] | None = None,
+        receives_on: Callable[[str], bool] | None = None,
     ) -> None:
         self.nworkers = max(1, workers)
         self._ifindex_of = ifindex_of
+        # The interface table's answers (None: tests without one, every address is ours).
+        self._why_unusable = why_unusable
+        self._receives_on = receives_on
+        self._since: dict[str, float] = {}  # relay name -> Unix time its counters start
+        self._drops_base: dict[tuple[str, int], int] = {}  # drops of closed packet inputs
         self._membership = membership
         self._log = log
         self._relays: dict[str, RelayRecord] = {}
@@ -199,6 +206,7 @@ class RelayManager:
         if dry_run:
             return
         self._remove(rec)
+        self._since.pop(name, None)
         self._converge()
 
     def replace(self, relays: Sequence[Relay], dry_run: bool = False) -> dict[str, list[Any]]:
@@ -261,8 +269,11 @@ class RelayManager:
             return idx[name]
 
         self._open_raw()
-        changes = self.inputs.sync(self._all_legs(), ifindex)
+        changes = self.inputs.sync(self._receivable_legs(), ifindex)
         for gone in changes.closed:
+            if isinstance(gone, PacketInput) and gone.drops:
+                key = (gone.iif, gone.family)
+                self._drops_base[key] = self._drops_base.get(key, 0) + gone.drops
             self._tell_removed(gone, now)
         for new in changes.opened:
             self._tell_added(new, now)
@@ -287,6 +298,40 @@ class RelayManager:
 
     def _all_legs(self) -> list[tuple[int, Relay]]:
         return [leg for rec in self._relays.values() for leg in rec.legs]
+
+    def _receivable_legs(self) -> list[tuple[int, Relay]]:
+        """Legs whose input address can receive here: a unicast input whose address the
+        host does not have (yet: DHCP, PPPoE) waits instead of opening a deaf socket."""
+        return [leg for leg in self._all_legs() if self._address_missing(leg[1]) is None]
+
+    def _address_missing(self, relay: Relay) -> str | None:
+        """``address not on this host`` for a unicast input the host cannot receive on."""
+        inp = relay.input
+        if (
+            self._receives_on is None
+            or relay.reflect is not None
+            or inp.is_multicast
+            or inp.group == LIMITED_BROADCAST
+            or self._receives_on(inp.group)
+        ):
+            return None
+        return "address not on this host"
+
+    def _why(self, name: str) -> str:
+        why = self._why_unusable(name) if self._why_unusable is not None else None
+        return why or "interface missing"
+
+    def _input_state(self, name: str, r: Relay) -> tuple[str, str | None]:
+        """('active', None) or ('waiting', why) for a relay's input."""
+        if self._ifindex_of(r.input.iif) is None:
+            return "waiting", f"input {self._why(r.input.iif)}"
+        missing = self._address_missing(r)
+        if missing is not None:
+            return "waiting", f"input {missing}"
+        error = self.inputs.errors.get(name)
+        if error is not None:
+            return "waiting", error
+        return "active", None
 
     def _open_raw(self) -> None:
         """Open the raw socket of each family some output needs, and pass it on; never closed
@@ -360,20 +405,35 @@ class RelayManager:
                 continue
             d = r.to_dict()
             c, outs = self.counters.total(rec.id, len(r.outputs))
-            present = self._ifindex_of(r.input.iif) is not None
+            state, reason = self._input_state(name, r)
             error = self.inputs.errors.get(name)
-            d["state"] = "active" if present and error is None else "waiting"
             if error is not None:
                 d["error"] = error
             d["packets"], d["bytes"] = c[m.PACKETS], c[m.BYTES]
             d["drops"] = {k: c[m.NO_BUFFER + i] for i, k in enumerate(m.DROP_NAMES)}
+            waiting = []
             for od, oc, spec in zip(d["outputs"], outs, r.outputs, strict=True):
                 od["packets"], od["bytes"], od["errors"] = oc
                 missing = spec.oif is not None and self._ifindex_of(spec.oif) is None
                 od["state"] = "waiting" if missing else "active"
-            pin = self.inputs.packet.get((r.input.iif, r.input.family))
-            if r.mode == "packet" and pin is not None:
-                d["input_drops"] = pin.drops
+                if missing and spec.oif is not None:
+                    od["reason"] = self._why(spec.oif)
+                    waiting.append(f"{spec.oif} {od['reason']}")
+            if state == "active" and waiting:
+                state, reason = (
+                    ("partial" if len(waiting) < len(r.outputs) else "waiting"),
+                    ("; ".join(waiting)),
+                )
+            d["state"] = state
+            if reason is not None:
+                d["reason"] = reason
+            key = (r.input.iif, r.input.family)
+            pin = self.inputs.packet.get(key)
+            if r.mode == "packet" and (pin is not None or key in self._drops_base):
+                d["input_drops"] = (pin.drops if pin is not None else 0) + self._drops_base.get(
+                    key, 0
+                )
+            d["counters_since"] = self._since.get(name)
             d["traced"] = rec.id in self._traced
             d["counters_age"] = age
             out.append(d)
@@ -410,17 +470,26 @@ class RelayManager:
                     "errors": e,
                 }
             )
+        for x in members:
+            if x["state"] != "active":
+                x["reason"] = self._why(str(x["name"]))
         present = sum(1 for x in members if x["state"] == "active")
         error = self.inputs.errors.get(r.name)
         d["state"] = "active" if present >= 2 and error is None else "waiting"
+        if d["state"] == "active" and present < len(members):
+            d["state"] = "partial"
         if error is not None:
             d["error"] = error
+            d["reason"] = error
+        elif d["state"] != "active":
+            d["reason"] = "; ".join(f"{x['name']} {x['reason']}" for x in members if "reason" in x)
+        d["counters_since"] = self._since.get(r.name)
         d["packets"], d["bytes"] = total[m.PACKETS], total[m.BYTES]
         d["drops"] = {k: total[m.NO_BUFFER + i] for i, k in enumerate(m.DROP_NAMES)}
         d["members"] = members
         d["input_drops"] = sum(
             pin.drops for (iif, _fam), pin in self.inputs.packet.items() if iif in r.reflect.members
-        )
+        ) + sum(v for (iif, _fam), v in self._drops_base.items() if iif in r.reflect.members)
         d["traced"] = rec.id in self._traced
         d["counters_age"] = age
         return d
@@ -453,20 +522,29 @@ class RelayManager:
                         f"from sources not routed via {r.input.iif} are dropped before the relay "
                         "sees them; use --mode packet or set rp_filter=0"
                     )
+            state, reason = self._input_state(name, r)
+            if state != "active" and name not in self.inputs.errors:
+                out.append(f"relay {name} waits: {reason}")
             for o in r.outputs:
                 if o.oif is not None and self._ifindex_of(o.oif) is None:
-                    out.append(f"relay {name}: output interface {o.oif} does not exist")
+                    out.append(f"relay {name}: output {o.oif} waits: {self._why(o.oif)}")
             if name in self.inputs.errors:
                 out.append(f"relay {name}: input not open: {self.inputs.errors[name]}")
         return out
 
     # ------------------------------------------------------------ tracing
 
-    def trace_start(self, name: str) -> None:
+    def trace_start(self, name: str) -> int:
+        """Trace relay ``name``; returns the cursor of this trace's first record.
+
+        The ring outlives a trace (two clients may trace one relay), so a
+        reader that started at 0 would replay older packets as if live.
+        """
         rec = self._rec(name)
         self._traced.add(rec.id)
-        self._rings.setdefault(rec.id, Ring(MANAGER_RING))
+        ring = self._rings.setdefault(rec.id, Ring(MANAGER_RING))
         self.pool.broadcast(m.SetTrace(self._traced_legs()), time.monotonic())
+        return ring.next_seq
 
     def trace_stop(self, name: str) -> None:
         rec = self._rec(name)
@@ -506,6 +584,7 @@ class RelayManager:
 
     def _record(self, relay: Relay) -> RelayRecord:
         """A record with fresh ids: the rule's, and one per leg (a plain relay: the same)."""
+        self._since[relay.name] = time.time()  # a new version counts from zero
         rec = RelayRecord(relay, self._new_id())
         if relay.reflect is None:
             rec.legs = [(rec.id, relay)]
