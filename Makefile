@@ -8,6 +8,13 @@ DEBS    := python3 python3-venv python3-pip python3-pyroute2 python3-systemd \
            python3-prometheus-client \
            iproute2 procps socat gcc libc6-dev
 STAMP_DEBS := $(VENV)/.debs
+# Real discovery clients for tests/netns/test_discovery.py, started only inside
+# lab namespaces. Their services must not start on the host when installed:
+# a policy-rc.d that refuses every start is in place for the install (unless
+# the machine already has one).
+TEST_DEBS  := avahi-daemon avahi-utils dbus-daemon python3-zeroconf minidlna \
+              python3-gi gir1.2-gssdp-1.6 wakeonlan
+STAMP_TEST_DEBS := $(VENV)/.test-debs
 STAMP_PIP  := $(VENV)/.pip
 # A second environment with the newest pyroute2 the bounds in pyproject.toml
 # allow, from PyPI: what `pip install .` gives users. The namespace suite runs
@@ -29,6 +36,19 @@ $(STAMP_DEBS): Makefile
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@touch $@
 
+$(STAMP_TEST_DEBS): $(STAMP_DEBS)
+	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the discovery tests (services not started):$$missing"; \
+	  own=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; own=1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; rc=$$?; \
+	  if [ -n "$$own" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  [ $$rc -eq 0 ] || exit $$rc; \
+	fi
+	@touch $@
+
 $(STAMP_PIP): $(STAMP_DEBS) pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -43,7 +63,7 @@ $(STAMP_PYPI): $(STAMP_DEBS) pyproject.toml requirements-dev.txt
 	@$(VENV_PYPI)/bin/python -c 'import pyroute2; print("pyroute2 from PyPI:", pyroute2.__version__)'
 	@touch $@
 
-setup: $(STAMP_PIP)
+setup: $(STAMP_PIP) $(STAMP_TEST_DEBS)
 
 setup-pypi: $(STAMP_PYPI)
 
