@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mcrelay.errors import KernelRefused
-from mcrelay.model import GroupJoin
+from mcrelay.model import GroupJoin, ifname_matches, is_wildcard
 from mcrelay.net import bpf
 from mcrelay.net.mcast import join as mcast_join
 from mcrelay.net.mcast import leave as mcast_leave
@@ -221,26 +221,67 @@ class Membership:
 
 
 class GroupJoins:
-    """`group join` rules on top of the shared membership sockets (the service's view)."""
+    """`group join` rules on top of the shared membership sockets (the service's view).
 
-    def __init__(self, membership: Membership) -> None:
+    A rule on a wildcard (``vlan+``) holds its joins on every interface whose
+    name matches, now and later: :meth:`reconcile` (a part of the
+    supervisor's reconciler) joins on interfaces that appear and leaves those
+    that are gone. ``names`` lists the interface names there are.
+    """
+
+    def __init__(self, membership: Membership, names: Callable[[], Iterable[str]] = tuple) -> None:
         self.membership = membership
+        self._names = names
+        self._wild: dict[GroupJoin, set[str]] = {}  # wildcard rule -> interfaces it holds
 
     def join(self, join: GroupJoin) -> None:
         """Join every (group, source) of the rule, or none of them."""
-        done: list[tuple[str, str | None]] = []
-        try:
-            for group, source in join.expand():
-                self.membership.join(join.iface, group, source)
-                done.append((group, source))
-        except BaseException:
-            for group, source in done:
-                self.membership.leave(join.iface, group, source)
-            raise
+        if is_wildcard(join.iface):
+            self._wild[join] = set()
+            try:
+                self._follow(join)
+            except BaseException:
+                self.leave(join)
+                raise
+            return
+        self._join_on(join, join.iface)
 
     def leave(self, join: GroupJoin) -> None:
-        for group, source in join.expand():
-            self.membership.leave(join.iface, group, source)
+        if is_wildcard(join.iface):
+            for iface in self._wild.pop(join, set()):
+                self._leave_on(join, iface)
+            return
+        self._leave_on(join, join.iface)
+
+    def reconcile(self) -> None:
+        """Wildcard rules follow the interfaces: join on new matches, leave vanished ones."""
+        for join in list(self._wild):
+            self._follow(join)
 
     def list(self) -> list[dict[str, Any]]:
         return self.membership.list()
+
+    def _follow(self, join: GroupJoin) -> None:
+        held = self._wild[join]
+        present = {n for n in self._names() if ifname_matches(join.iface, n)}
+        for iface in sorted(held - present):
+            self._leave_on(join, iface)
+            held.discard(iface)
+        for iface in sorted(present - held):
+            self._join_on(join, iface)
+            held.add(iface)
+
+    def _join_on(self, join: GroupJoin, iface: str) -> None:
+        done: list[tuple[str, str | None]] = []
+        try:
+            for group, source in join.expand():
+                self.membership.join(iface, group, source)
+                done.append((group, source))
+        except BaseException:
+            for group, source in done:
+                self.membership.leave(iface, group, source)
+            raise
+
+    def _leave_on(self, join: GroupJoin, iface: str) -> None:
+        for group, source in join.expand():
+            self.membership.leave(iface, group, source)

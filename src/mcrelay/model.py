@@ -802,7 +802,7 @@ def parse_group_join(params: Any, where: str = "") -> GroupJoin:
     obj = _mapping(params, where or "params")
     _no_extra(obj, {"iface", "group", "source"}, where)
     p = f"{where}." if where else ""
-    iface = check_ifname(obj.get("iface"), f"{p}iface")
+    iface = check_ifpattern(obj.get("iface"), f"{p}iface")
     group = check_group_range(obj.get("group"), f"{p}group", kernel=False)
     source = check_source_range(obj.get("source"), f"{p}source", 6 if ":" in group else 4)
     count = 1

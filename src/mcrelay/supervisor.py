@@ -192,10 +192,12 @@ class Supervisor:
             why_unusable=interfaces.why_unusable,
             receives_on=interfaces.receives_on,
         )
+        group_joins = GroupJoins(membership, lambda: [i.name for i in interfaces.all()])
         # Each engine converges on its own; memberships first so that a relay
         # input's group is joined by the time its socket opens.
         self.reconciler = Reconciler(
             [
+                ("wildcard group joins", group_joins.reconcile),
                 ("group memberships", membership.reconcile),
                 ("kernel routes", kernel.reconcile),
                 ("relays", relays.reconcile),
@@ -204,7 +206,7 @@ class Supervisor:
         self.service = RuleService(
             kernel,
             relays,
-            GroupJoins(membership),
+            group_joins,
             self.store,
             status_extra=self._status_extra,
             interfaces=self._interface_list,

@@ -231,3 +231,18 @@ def test_mrdisc_announces_the_router_on_interfaces_that_enable_it(
     total = sum(int.from_bytes(igmp[i : i + 2], "big") for i in range(0, 8, 2))
     assert (total & 0xFFFF) + (total >> 16) == 0xFFFF, "IGMP checksum"
     assert not [p for p in other if p[(p[0] & 0xF) * 4] == 0x30], "dn2 does not enable mrdisc"
+
+
+def test_a_wildcard_group_join_holds_every_matching_interface_now_and_later(
+    lab: StandardLab, daemon: DaemonProcess
+) -> None:
+    lab.ip_batch("router", ["link add lt0 type veth peer name lp0", "link set lt0 up",
+                            "link set lp0 up"])  # fmt: skip
+    daemon.cli("group", "join", "lt+", "239.70.0.10", check=True)
+    wait_for(lambda: "239.70.0.10" in joined(lab, "lt0"), timeout=3, what="joined on lt0")
+    lab.ip_batch("router", ["link add lt1 type veth peer name lp1", "link set lt1 up",
+                            "link set lp1 up"])  # fmt: skip
+    wait_for(lambda: "239.70.0.10" in joined(lab, "lt1"), timeout=3, what="joined on lt1 too")
+    assert "239.70.0.10" not in joined(lab, "lp0"), "lp0 does not match lt+"
+    daemon.cli("group", "leave", "lt+", "239.70.0.10", check=True)
+    assert "239.70.0.10" not in joined(lab, "lt0") | joined(lab, "lt1")

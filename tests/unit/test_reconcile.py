@@ -205,3 +205,26 @@ def test_a_refused_join_is_reported_so_the_reconciler_retries(joins: Joins) -> N
     memb.reconcile()
     assert memb.list()[0]["state"] == "joined"
     memb.close()
+
+
+def test_a_wildcard_join_follows_matching_interfaces_as_they_come_and_go(joins: Joins) -> None:
+    from mcrelay.membership import GroupJoins
+    from mcrelay.model import GroupJoin
+
+    ifaces = {"vlan10": 10, "eth0": 2}
+    memb = Membership(ifaces.get, logging.getLogger("test"))
+    rules = GroupJoins(memb, lambda: list(ifaces))
+    rule = GroupJoin("vlan+", "239.70.0.10")
+    rules.join(rule)
+    memb.reconcile()
+    assert joins.joined == {(10, "239.70.0.10")}
+    ifaces["vlan20"] = 20
+    rules.reconcile()
+    memb.reconcile()
+    assert joins.joined == {(10, "239.70.0.10"), (20, "239.70.0.10")}
+    del ifaces["vlan10"]
+    rules.reconcile()
+    assert {(j["iface"], j["state"]) for j in rules.list()} == {("vlan20", "joined")}
+    rules.leave(rule)
+    assert rules.list() == []
+    memb.close()
