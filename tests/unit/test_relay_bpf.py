@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -119,3 +120,94 @@ def test_kernel_accepts_programs() -> None:
             bpf.drop_all(),
         ):
             bpf.attach(s, prog)
+
+
+# ---------------------------------------------------------------- any table size (issue 12)
+
+
+def _keys(n: int, ports: int = 1) -> list[tuple[str, int]]:
+    return [
+        (f"239.{100 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}", 5000 + i % ports)
+        for i in range(n)
+    ]
+
+
+SIZES = sorted({*range(1, 700, 13), *range(700, 5000, 301), *range(5000, 20001, 3001), 20000})
+
+
+def test_program_fits_the_kernel_at_every_table_size() -> None:
+    """1..20,000 keys: within BPF_MAXINSNS and within the option-memory budget of both
+    the old default optmem_max (20 KiB) and today's (128 KiB), where the old and the
+    new filter must fit together while one replaces the other."""
+    for optmem in (bpf.OPTMEM_MAX_DEFAULT, 131072):
+        budget = bpf.default_budget(optmem)
+        assert 2 * budget <= optmem * 3 // 4
+        for n in SIZES:
+            for ports in (1, n) if optmem == bpf.OPTMEM_MAX_DEFAULT else (1, 7, n):
+                p = bpf.compile_filter(4, _keys(n, ports), budget)
+                assert len(p) <= bpf.BPF_MAXINSNS, (optmem, n, ports)
+                assert bpf.charge(p) <= max(budget, bpf.charge(bpf.compile_filter(4, [], 0))), (
+                    optmem,
+                    n,
+                    ports,
+                )
+
+
+def test_the_kernel_takes_each_size_in_turn_on_one_socket() -> None:
+    """What the kernel accepts: attach the program of each size over the previous one
+    (SO_ATTACH_FILTER charges both meanwhile), growing and shrinking, as relays added
+    one by one and removed would; and a fresh socket at each size."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for n in [*SIZES, *reversed(SIZES)]:
+            p = bpf.compile_filter(4, _keys(n))
+            bpf.attach(s, p)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fresh:
+                bpf.attach(fresh, p)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        for n in (1, 100, 281, 600, 1000, 3000, 20000):
+            bpf.attach(s, bpf.compile_filter(6, [(f"ff3e::{i:x}", 5000) for i in range(n)]))
+
+
+def test_281_and_600_relays_on_one_interface_stay_exact() -> None:
+    """The sizes of the issue: the exact tier, no longer refused with ENOMEM."""
+    for n in (280, 281, 600):
+        p = bpf.compile_filter(4, _keys(n))
+        assert p.tier == "exact" and bpf.charge(p) <= bpf.default_budget(131072)
+
+
+@pytest.mark.parametrize("n", [5, 41, 300, 1500])
+def test_search_trees_match_exactly(n: int) -> None:
+    keys = _keys(n, 3) + [("239.100.0.1", 6000 + i) for i in range(n // 10)]
+    p = bpf.compile_filter(4, keys)
+    assert p.tier == "exact"
+    have = set(keys)
+    for dst, port in keys:
+        assert bpf.run(p, v4(dst, port)) == bpf.ACCEPT
+    for i in range(0, n + 40, 3):
+        dst = f"239.{100 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}"
+        for port in (4999, 5000, 5001, 5002, 5003, 6001):
+            want = bpf.ACCEPT if (dst, port) in have else 0
+            assert bpf.run(p, v4(dst, port)) == want, (dst, port)
+
+
+def test_v6_exact_groups_by_prefix() -> None:
+    keys = [(f"ff3e::{i:x}", 5000) for i in range(50)] + [
+        (f"ff05::1:{i:x}", 5001) for i in range(9)
+    ]
+    p = bpf.compile_filter(6, keys)
+    assert p.tier == "exact"
+    for dst, port in keys:
+        assert bpf.run(p, v6(dst, port)) == bpf.ACCEPT
+    assert bpf.run(p, v6("ff3e::1", 5001)) == 0
+    assert bpf.run(p, v6("ff05::1:1", 5000)) == 0
+    assert bpf.run(p, v6("ff3e::1:1", 5000)) == 0
+
+
+def test_coarser_steps_down_to_udp() -> None:
+    keys = _keys(300, 3)
+    p = bpf.compile_filter(4, keys)
+    tiers = [p.tier]
+    while (q := bpf.coarser(4, keys, p)) is not None:
+        p = q
+        tiers.append(p.tier)
+    assert tiers == ["exact", "ports", "udp"]

@@ -192,9 +192,7 @@ class Inputs:
                     if opened is not None:
                         changes.opened.append(opened)
                 elif have.keys != frozen:
-                    prog = bpf.compile_filter(key[1], frozen)
-                    for s in have.socks:
-                        self._openers.attach(s, prog)
+                    prog = self._attach_all(have.socks, key[1], frozen)
                     have.keys, have.tier = frozen, prog.tier
             except OSError as exc:
                 for name in users[key]:
@@ -245,11 +243,44 @@ class Inputs:
             fam = 6 if ":" in hk[1] else 4
             self.holders[hk] = self._openers.holder(hk[0], fam, hk[1], hk[2])
 
+    def _attach_all(
+        self, socks: list[Closable], family: int, keys: frozenset[tuple[str, int]]
+    ) -> bpf.Program:
+        """Attach the tightest filter the kernel takes to every socket; the one attached.
+
+        The compiler keeps programs within the socket's option memory; should
+        the kernel still refuse one (ENOMEM: a smaller ``optmem_max`` than
+        when compiled, or more charged), the next coarser tier goes on, down
+        to *udp*, which always fits: the worker's dict does the exact match.
+        """
+        prog = bpf.compile_filter(family, keys)
+        while True:
+            try:
+                for s in socks:
+                    self._openers.attach(s, prog)
+                return prog
+            except OSError as exc:
+                smaller = bpf.coarser(family, keys, prog) if exc.errno == errno.ENOMEM else None
+                if smaller is None:
+                    raise
+                self._log.info(
+                    "%s filter of %d insns refused (%s); trying %s",
+                    prog.tier,
+                    len(prog),
+                    exc.strerror,
+                    smaller.tier,
+                )
+                prog = smaller
+
     def _open_packet(
-        self, key: tuple[str, int], keys: frozenset[tuple[str, int]], ix: int
+        self,
+        key: tuple[str, int],
+        keys: frozenset[tuple[str, int]],
+        ix: int,
+        prog: bpf.Program | None = None,
     ) -> PacketInput | None:
         iif, fam = key
-        prog = bpf.compile_filter(fam, keys)
+        prog = prog or bpf.compile_filter(fam, keys)
         socks: list[Closable] = []
         fanout: int | None = None
         try:
@@ -259,6 +290,10 @@ class Inputs:
         except OSError as exc:
             for s in socks:
                 s.close()
+            smaller = bpf.coarser(fam, keys, prog) if exc.errno == errno.ENOMEM else None
+            if smaller is not None:  # see _attach_all
+                self._log.info("%s filter refused (%s); trying %s", prog.tier, exc, smaller.tier)
+                return self._open_packet(key, keys, ix, smaller)
             if exc.errno in GONE_ERRNOS:
                 self._log.info("input %s went away while opening: %s", iif, exc)
                 return None

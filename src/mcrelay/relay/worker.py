@@ -404,7 +404,11 @@ class Worker(HotPath):
             ring = self.rings.get(e.id)
             if ring is None:
                 continue
-            outs = [f"{o.pyaddr[0]}:{o.pyaddr[1]}" for o in e.outs] if result == "relayed" else []
+            sent = e.outs
+            fan = e.outs[0].sq if e.outs else None
+            if isinstance(fan, ReflectQueue) and result == "relayed":
+                result, sent = fan.last, fan.members  # a reflector's own verdict
+            outs = [f"{o.pyaddr[0]}:{o.pyaddr[1]}" for o in sent] if result == "relayed" else []
             ring.add(record(now, src, size, outs, result, self.index))
 
     def _one_traced(
