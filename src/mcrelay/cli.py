@@ -827,20 +827,64 @@ def cmd_stats(ctx: Ctx, args: argparse.Namespace) -> int:
         return EXIT_OK
     if not interval > 0:
         raise InvalidParams("watch", f"the refresh interval must be > 0 seconds, got {interval:g}")
-    clear = not ctx.json and ctx.out.isatty()
+    tty = ctx.out.isatty()
+    clear = not ctx.json and tty
+    prev: fmt.Sample | None = None
+    prev_at = 0.0
+    pid: Any = None
+    lost_at: float | None = None
     try:
         while True:
-            stats = ctx.client.stats()
+            try:
+                stats = ctx.client.stats()
+            except DaemonUnreachable as exc:
+                # A restart (or an upgrade) is not the end of a watch: retry until Ctrl-C.
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    ctx.note(f"mcrelay: {exc.message}; retrying every {interval:g}s")
+                time.sleep(interval)
+                continue
+            now = time.monotonic()
+            daemon = stats.get("daemon")
+            new_pid = daemon.get("pid") if isinstance(daemon, dict) else None
+            if lost_at is not None:
+                again = "restarted" if new_pid != pid else "reachable again"
+                ctx.note(f"mcrelay: daemon {again} after {now - lost_at:.1f}s (pid {new_pid})")
+                lost_at = None
+            if new_pid != pid:
+                prev = None  # a new daemon's counters start again: no rate across it
+            pid = new_pid
+            current = fmt.sample(stats)
+            per_key = fmt.rates(prev, current, now - prev_at) if prev is not None else None
             if ctx.json:
-                ctx.print(fmt.json_line(stats))  # one object per line: a stream for scripts
+                line = dict(stats)
+                if per_key is not None:
+                    line["rates"] = fmt.rates_json(per_key, now - prev_at)
+                ctx.print(fmt.json_line(line))  # one object per line: a stream for scripts
             else:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 head = f"Every {interval:g}s: mcrelay stats    {stamp}"
                 ctx.out.write("\033[H\033[2J" if clear else "")
-                ctx.print(f"{head}\n\n{_stats_text(stats, ctx.verbose)}\n")
+                ctx.print(f"{head}\n\n{_watch_text(stats, per_key, now - prev_at, tty)}\n")
+            prev, prev_at = current, now
             time.sleep(interval)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _watch_text(stats: dict[str, Any], per_key: Any, seconds: float, color: bool) -> str:
+    """One ``stats --watch`` screen: rates per rule and output, then workers and the daemon."""
+    workers = stats.get("workers") or []
+    rules = (stats.get("routes") or []) + (stats.get("relays") or [])
+    over = f"over the last {seconds:.1f}s" if per_key is not None else "from the next refresh on"
+    blocks = [
+        fmt.section(f"Rules, rates {over}", rules, fmt.rates_table(stats, per_key, color), "none"),
+        fmt.section("Workers", workers, fmt.workers_table(workers), "none"),
+    ]
+    daemon = stats.get("daemon")
+    if isinstance(daemon, dict) and daemon:
+        blocks.append("Daemon: " + fmt.status_text(daemon).splitlines()[0])
+    return "\n\n".join(blocks)
 
 
 def cmd_trace(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -849,19 +893,25 @@ def cmd_trace(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.duration is not None and not args.duration > 0:
         raise InvalidParams("duration", f"must be > 0 seconds, got {args.duration:g}")
     c = ctx.client
-    c.trace_start(args.name)
+    since = time.time()
+    begun = c.trace_start(args.name)
     seen = 0
     if not ctx.json:
         ctx.note(f"tracing relay {args.name}, Ctrl-C to stop")
     try:
-        cursor = 0
+        # Read from this trace's first record (an older daemon gives none: 0), and
+        # skip packets received before we started (a worker may still hand over
+        # the end of an earlier trace).
+        first = begun.get("cursor")
+        cursor = first if isinstance(first, int) and not isinstance(first, bool) else 0
         started = time.monotonic()
         while True:
             result = c.trace_read(args.name, cursor)
             records = result.get("records")
             for record in records if isinstance(records, list) else []:
-                if isinstance(record, dict):
-                    ctx.print(fmt.json_line(record) if ctx.json else fmt.trace_line(record))
+                if not isinstance(record, dict) or _before(record, since):
+                    continue
+                ctx.print(fmt.json_line(record) if ctx.json else fmt.trace_line(record))
                 seen += 1
                 if args.count is not None and seen >= args.count:
                     return EXIT_OK
@@ -883,6 +933,12 @@ def cmd_trace(ctx: Ctx, args: argparse.Namespace) -> int:
             pass
         if not ctx.json:
             ctx.note(f"{seen} packet{'s' if seen != 1 else ''} traced")
+
+
+def _before(record: dict[str, Any], since: float) -> bool:
+    """True for a packet received before the trace started (its ``time`` says so)."""
+    t = record.get("time")
+    return isinstance(t, int | float) and not isinstance(t, bool) and t < since
 
 
 def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:

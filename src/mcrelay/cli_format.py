@@ -150,7 +150,11 @@ def oifs_text(oifs: Any) -> str:
             continue
         name = str(_get(oif, "name", MISSING))
         ttl = _get(oif, "ttl", 1)
-        parts.append(name if ttl in (1, None) else f"{name}(ttl={ttl})")
+        notes = [] if ttl in (1, None) else [f"ttl={ttl}"]
+        mark = marker(oif)  # a waiting output: (down), (missing), (renamed to X)
+        if mark:
+            notes.append(mark[1:-1])
+        parts.append(f"{name}({','.join(notes)})" if notes else name)
     return ",".join(parts) or MISSING
 
 
@@ -270,7 +274,7 @@ def routes_table(routes: Sequence[Any], verbose: bool = False) -> str:
                 _get(r, "source") or "*",
                 _get(r, "group"),
                 oifs_text(_get(r, "oifs")),
-                _get(r, "state"),
+                state_text(r),
                 human(_get(r, "packets"), verbose),
                 human(_get(r, "bytes"), verbose),
                 human(_get(r, "wrong_if"), verbose),
@@ -317,7 +321,7 @@ def _reflector_rows(rows: list[list[Cell]], r: Any, total: Any, verbose: bool) -
     rows.append(
         [
             _get(r, "name"),
-            _get(r, "state"),
+            state_text(r),
             "reflect",
             reflect_text(_get(r, "reflect")),
             human(_get(r, "packets"), verbose),
@@ -327,7 +331,7 @@ def _reflector_rows(rows: list[list[Cell]], r: Any, total: Any, verbose: bool) -
     )
     for mem in _list(r, "members"):
         role = "<-" if _get(mem, "role") == "listen-only" else "<>"
-        state = "" if _get(mem, "state") == "active" else f" ({_get(mem, 'state')})"
+        state = f" {marker(mem)}" if marker(mem) else ""
         heard = human(_get(mem, "received"), verbose)
         rows.append(
             [
@@ -377,7 +381,7 @@ def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
         rows.append(
             [
                 _get(r, "name"),
-                _get(r, "state"),
+                state_text(r),
                 _get(r, "mode"),
                 input_text(_get(r, "input")),
                 human(_get(r, "packets"), verbose),
@@ -391,7 +395,7 @@ def relays_table(relays: Sequence[Any], verbose: bool = False) -> str:
                     "",
                     "",
                     "",
-                    f"-> {output_text(out)}",
+                    f"-> {output_text(out)} {marker(out)}".rstrip(),
                     human(_get(out, "packets"), verbose),
                     human(_get(out, "bytes"), verbose),
                     human(_get(out, "errors"), verbose),
@@ -565,21 +569,39 @@ def diff_lines(diff: Any) -> tuple[list[str], dict[str, int]]:
 
 
 def trace_line(record: Mapping[str, Any]) -> str:
-    """One traced packet, tcpdump style: ``12:00:01.123456 10.0.0.1:4000 len 1316 -> ... ok``."""
+    """One traced packet, tcpdump style, stamped with its own receive time::
+
+        12:00:01.123456 IP 10.0.0.1.4000 > 239.1.1.1.5000: UDP, length 1316 -> 239.2.2.2.6000 ok
+
+    Addresses are ``host.port`` as tcpdump writes them; ``length`` is the UDP
+    payload. A daemon that sends no ``destination`` gets a line without it.
+    """
     t = _get(record, "time")
     if isinstance(t, int | float) and not isinstance(t, bool):
         stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1e6):06d}"
     else:
         stamp = str(t) if t is not None else MISSING
+    source = str(_get(record, "source", MISSING))
+    text = f"{stamp} {'IP6' if source.count(':') > 1 else 'IP'} {_dotted(source)}"
+    if _get(record, "destination"):
+        text += f" > {_dotted(_get(record, 'destination'))}"
+    text += f": UDP, length {_get(record, 'size', MISSING)}"
     outputs = _get(record, "outputs")
     if isinstance(outputs, list):
-        out_text = ",".join(output_text(o) if isinstance(o, Mapping) else str(o) for o in outputs)
+        parts = [output_text(o) if isinstance(o, Mapping) else _dotted(o) for o in outputs]
+        out_text = ",".join(parts)
     else:
         out_text = MISSING if outputs is None else str(outputs)
-    return (
-        f"{stamp} {_get(record, 'source', MISSING)} len {_get(record, 'size', MISSING)} "
-        f"-> {out_text or MISSING} {_get(record, 'result', MISSING)}"
-    )
+    return f"{text} -> {out_text or MISSING} {_get(record, 'result', MISSING)}"
+
+
+def _dotted(endpoint: Any) -> str:
+    """``10.0.0.1:4000`` -> ``10.0.0.1.4000``, ``[ff3e::1]:5000`` -> ``ff3e::1.5000``."""
+    text = str(endpoint)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or (host.count(":") and not host.startswith("[")):
+        return text
+    return f"{host.strip('[]')}.{port}"
 
 
 # ---------------------------------------------------------------- filters (show VIEW FILTER...)
@@ -721,3 +743,177 @@ _FIELDS = {
     "groups": _plain_fields,
     "interfaces": _plain_fields,
 }
+
+
+# ---------------------------------------------------------------- states and rates
+
+_ANSI_HIGHLIGHT = ("\033[1;7m", "\033[0m")  # bold reverse video: an output losing packets
+
+
+def state_text(obj: Any) -> str:
+    """A rule's state as a table shows it: ``active``, ``partial`` or ``waiting: why``.
+
+    The reason is shortened (``input interface missing`` -> ``input missing``);
+    a partial rule's reasons are on its outputs' markers.
+    """
+    state = _get(obj, "state")
+    if state is None:
+        return MISSING
+    reason = _get(obj, "reason")
+    if state != "waiting" or not reason:
+        return str(state)
+    return f"waiting: {str(reason).replace('interface ', '')}"
+
+
+def marker(obj: Any) -> str:
+    """The compact mark of a waiting output: ``(down)``, ``(missing)``, ``(renamed to X)``."""
+    if _get(obj, "state", "active") == "active":
+        return ""
+    reason = _get(obj, "reason")
+    return f"({str(reason).replace('interface ', '') if reason else 'waiting'})"
+
+
+def _counter(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _drops_total(relay: Any) -> int | None:
+    drops = _get(relay, "drops")
+    total: int | None = None
+    if isinstance(drops, Mapping):
+        total = sum(v for v in drops.values() if isinstance(v, int))
+    elif isinstance(drops, int):
+        total = drops
+    extra = _counter(_get(relay, "input_drops"))
+    if extra is not None:
+        total = (total or 0) + extra
+    return total
+
+
+Sample = dict[tuple[Any, ...], tuple[int | None, int | None, int | None]]
+
+
+def sample(stats: Any) -> Sample:
+    """Every rule's and relay output's (packets, bytes, drops or errors), by a stable key."""
+    out: Sample = {}
+    for r in _list(stats, "routes"):
+        key = ("route", _get(r, "iif"), _get(r, "source") or "*", _get(r, "group"))
+        out[key] = (_counter(_get(r, "packets")), _counter(_get(r, "bytes")), None)
+    for r in _list(stats, "relays"):
+        name = _get(r, "name")
+        out[("relay", name)] = (
+            _counter(_get(r, "packets")),
+            _counter(_get(r, "bytes")),
+            _drops_total(r),
+        )
+        for i, o in enumerate(_list(r, "outputs") or _list(r, "members")):
+            out[("out", name, i)] = (
+                _counter(_get(o, "packets")),
+                _counter(_get(o, "bytes")),
+                _counter(_get(o, "errors")),
+            )
+    return out
+
+
+def rates(before: Sample, after: Sample, seconds: float) -> dict[tuple[Any, ...], list[Any]]:
+    """Per key [packets/s, bits/s, drops/s] over ``seconds``; None where unknown.
+
+    A counter that went backwards (the daemon restarted, the rule was
+    re-created) has no rate for this interval rather than a negative one.
+    """
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for key, now in after.items():
+        old = before.get(key)
+        vals: list[Any] = [None, None, None]
+        if old is not None and seconds > 0:
+            for i, (a, b) in enumerate(zip(old, now, strict=True)):
+                if a is not None and b is not None and b >= a:
+                    vals[i] = (b - a) * (8 if i == 1 else 1) / seconds
+        out[key] = vals
+    return out
+
+
+def _rate(value: Any) -> str:
+    return MISSING if value is None else human(round(value, 1))
+
+
+def rates_table(
+    stats: Any, per_key: Mapping[tuple[Any, ...], list[Any]] | None, color: bool = False
+) -> str:
+    """``stats --watch``: each rule and output with packets/s, bits/s and drops/s.
+
+    Route bits count IP packets (headers included), relay bits UDP payload:
+    what each engine's ``bytes`` counts. A kernel route has one counter: the
+    kernel sends each packet on every active output, so outputs show their
+    state only. An output (or relay) that lost packets in the interval is
+    marked ``!`` (and highlighted on a terminal).
+    """
+    cols = [
+        Column("RULE / OUTPUT"),
+        Column("STATE"),
+        Column("PACKETS", "right"),
+        Column("PKT/S", "right"),
+        Column("BIT/S", "right"),
+        Column("DROP/S", "right"),
+    ]
+    per_key = per_key or {}
+    rows: list[list[Cell]] = []
+    hot: set[int] = set()
+
+    def add(key: tuple[Any, ...], label: str, state: str, packets: Any) -> None:
+        pps, bps, dps = per_key.get(key, [None, None, None])
+        if dps:
+            label = f"{label} !"
+            hot.add(len(rows))
+        rows.append([label, state, human(packets), _rate(pps), _rate(bps), _rate(dps)])
+
+    for r in sorted(_list(stats, "routes"), key=_route_sort_key):
+        key = ("route", _get(r, "iif"), _get(r, "source") or "*", _get(r, "group"))
+        add(
+            key,
+            describe_route({k: v for k, v in r.items() if k != "oifs"}),
+            state_text(r),
+            _get(r, "packets"),
+        )
+        for o in _list(r, "oifs"):
+            name = o if isinstance(o, str) else str(_get(o, "name", MISSING))
+            rows.append([f"  -> {name} {marker(o)}".rstrip(), _get(o, "state"), "", "", "", ""])
+    for r in sorted(_list(stats, "relays"), key=lambda r: str(_get(r, "name", ""))):
+        name = _get(r, "name")
+        add(("relay", name), f"relay {name}", state_text(r), _get(r, "packets"))
+        outputs = _list(r, "outputs")
+        for i, o in enumerate(outputs or _list(r, "members")):
+            label = output_text(o) if outputs else f"<> {_get(o, 'name', MISSING)}"
+            add(
+                ("out", name, i),
+                f"  -> {label} {marker(o)}".rstrip(),
+                _get(o, "state"),
+                _get(o, "packets"),
+            )
+    text = table(cols, rows)
+    if not color or not hot:
+        return text
+    lines = text.split("\n")
+    for i in hot:
+        lines[i + 1] = f"{_ANSI_HIGHLIGHT[0]}{lines[i + 1]}{_ANSI_HIGHLIGHT[1]}"
+    return "\n".join(lines)
+
+
+def rates_json(per_key: Mapping[tuple[Any, ...], list[Any]], seconds: float) -> dict[str, Any]:
+    """The rates of one ``stats --watch -o json`` line: routes, relays and their outputs."""
+    routes: list[dict[str, Any]] = []
+    relays: dict[Any, dict[str, Any]] = {}
+    for key, (pps, bps, dps) in per_key.items():
+        if key[0] == "route":
+            routes.append(
+                {"iif": key[1], "source": key[2], "group": key[3], "pps": pps, "bps": bps}
+            )
+        elif key[0] == "relay":
+            relays.setdefault(key[1], {"outputs": []}).update(
+                name=key[1], pps=pps, bps=bps, drops_ps=dps
+            )
+        else:
+            relays.setdefault(key[1], {"outputs": []})["outputs"].append(
+                {"pps": pps, "bps": bps, "errors_ps": dps}
+            )
+    return {"interval": round(seconds, 3), "routes": routes, "relays": list(relays.values())}

@@ -6,6 +6,7 @@ sends, what it prints, and that exit codes mean 0 ok / 1 refused / 2 no daemon.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
@@ -570,56 +571,137 @@ def test_status_tolerates_missing_keys(daemon: FakeDaemon, mcrelay: Mcrelay) -> 
     assert run.out.startswith("mcrelayd 0.2.0, pid -, up -\n")
 
 
-def test_stats_watch_refreshes_until_ctrl_c(
-    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    daemon.replies["stats.get"] = {
-        "routes": ROUTES,
-        "relays": RELAYS,
+def _relay_at(packets: int, errors: int, pid: int = 42) -> dict[str, Any]:
+    """A stats.get reply with one route and one relay that have counted ``packets``."""
+    relay = copy.deepcopy(RELAYS[0])
+    relay["packets"], relay["bytes"] = packets, packets * 1316
+    for out in relay["outputs"]:
+        out["packets"], out["bytes"], out["errors"] = packets, packets * 1316, 0
+        out["state"] = "active"
+    relay["outputs"][1]["errors"] = errors
+    relay["outputs"][1]["packets"] -= errors
+    relay["drops"] = {"send_error": errors}
+    route = {**ROUTES[1], "state": "active", "packets": packets * 2, "bytes": packets * 2 * 1344}
+    return {
+        "routes": [route],
+        "relays": [relay],
         "workers": [],
-        "daemon": STATUS,
+        "daemon": {**STATUS, "pid": pid},
     }
+
+
+def _watch_clock(monkeypatch: pytest.MonkeyPatch, stop_after: int) -> list[float]:
+    """time.sleep advances a fake monotonic clock; Ctrl-C after ``stop_after`` sleeps."""
+    clock = [1000.0]
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
         sleeps.append(seconds)
-        if len(sleeps) == 3:
+        clock[0] += seconds
+        if len(sleeps) == stop_after:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(time, "sleep", sleep)
-    run = mcrelay("stats", "--watch", "2")
-    assert run.code == 0
-    assert sleeps == [2.0, 2.0, 2.0]
-    assert daemon.methods() == ["stats.get"] * 3
-    assert run.out.count("Every 2s: mcrelay stats") == 3
-    assert "Routes (2):" in run.out and "Relays (1):" in run.out and "Workers: none" in run.out
-    assert "Daemon: mcrelayd 0.1.0, pid 42, up 2h 3m" in run.out
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    return sleeps
 
 
-def test_stats_watch_json_is_one_object_per_line(
+def test_stats_watch_shows_rates_per_rule_and_output_and_marks_drops(
     daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon.replies["stats.get"] = {"routes": [], "relays": [], "workers": [], "daemon": {}}
-    calls = iter([None, KeyboardInterrupt()])
+    replies = iter([_relay_at(1000, 0), _relay_at(3000, 10), _relay_at(3000, 10)])
+    daemon.replies["stats.get"] = lambda p: next(replies)
+    sleeps = _watch_clock(monkeypatch, 3)
+    run = mcrelay("stats", "--watch", "2")
+    assert run.code == 0 and sleeps == [2.0, 2.0, 2.0]
+    screens = run.out.split("Every 2s: mcrelay stats")[1:]
+    assert len(screens) == 3
+    assert "Rules, rates from the next refresh on (2):" in screens[0]
+    assert "Rules, rates over the last 2.0s (2):" in screens[1]
+    # 2,000 packets of 1,316 payload bytes in 2 s: 1.0k packets/s, 10.5M bits/s; the
+    # unicast output lost 10 (5/s): marked. The route: 4,000 IP packets of 1,344 bytes.
+    rows = [line.split() for line in screens[1].splitlines()]
+    assert ["relay", "tv1", "!", "active", "3.0k", "1.0k", "10.5M", "5"] in rows
+    assert [
+        "->",
+        "239.2.2.2:6000@eth1,ttl=16,dscp=EF",
+        "active",
+        "3.0k",
+        "1.0k",
+        "10.5M",
+        "0",
+    ] in rows
+    assert ["->", "192.0.2.10:7000,ttl=64", "!", "active", "3.0k", "995", "10.5M", "5"] in rows
+    route = next(r for r in rows if r[:2] == ["route", "(10.0.0.1,"])
+    assert route[-4:] == ["6.0k", "2.0k", "21.5M", "-"]
+    # nothing moved in the last interval: zero rates, no mark
+    assert "!" not in screens[2] and ["relay", "tv1", "active", "3.0k", "0", "0", "0"] in [
+        line.split() for line in screens[2].splitlines()
+    ]
+    assert "Workers: none" in screens[1] and "Daemon: mcrelayd 0.1.0, pid 42" in screens[1]
 
-    def sleep(seconds: float) -> None:
-        exc = next(calls)
-        if exc is not None:
-            raise exc
 
-    monkeypatch.setattr(time, "sleep", sleep)
-    run = mcrelay("stats", "--watch", "-o", "json")
-    lines = run.out.splitlines()
-    assert len(lines) == 2
-    assert [json.loads(line) for line in lines] == [daemon.replies["stats.get"]] * 2
+def test_stats_watch_reconnects_when_the_daemon_restarts(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter(
+        [_relay_at(1000, 0), None, None, _relay_at(50, 0, pid=43), _relay_at(250, 0, 43)]
+    )
+
+    def raw(request: dict[str, Any]) -> bytes | None:
+        result = next(answers)
+        if result is None:
+            return None  # the daemon went away mid-call
+        reply = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+        return json.dumps(reply).encode() + b"\n"
+
+    daemon.raw = raw
+    sleeps = _watch_clock(monkeypatch, 5)
+    run = mcrelay("stats", "--watch", "1")
+    assert run.code == 0  # never exit 2 while it can retry
+    assert len(sleeps) == 5
+    assert run.err.count("retrying every 1s") == 1
+    assert "mcrelay: daemon restarted after 2.0s (pid 43)" in run.err
+    screens = run.out.split("Every 1s: mcrelay stats")[1:]
+    assert len(screens) == 3
+    # no rate across the restart (counters start again), then rates again
+    assert "rates from the next refresh on" in screens[1]
+    rows = [line.split() for line in screens[2].splitlines()]
+    assert ["relay", "tv1", "active", "250", "200", "2.1M", "0"] in rows
+
+
+def test_stats_watch_json_is_one_object_per_line_with_rates(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replies = iter([_relay_at(1000, 0), _relay_at(3000, 10)])
+    daemon.replies["stats.get"] = lambda p: next(replies)
+    _watch_clock(monkeypatch, 2)
+    run = mcrelay("stats", "--watch", "2", "-o", "json")
+    first, second = (json.loads(line) for line in run.out.splitlines())
+    assert "rates" not in first and first["relays"][0]["packets"] == 1000
+    rates = second.pop("rates")
+    assert second == _relay_at(3000, 10)
+    assert rates["interval"] == 2.0
+    (relay,) = rates["relays"]
+    assert (relay["name"], relay["pps"], relay["bps"], relay["drops_ps"]) == (
+        "tv1",
+        1000.0,
+        10_528_000.0,
+        5.0,
+    )
+    assert [o["errors_ps"] for o in relay["outputs"]] == [0.0, 5.0]
+    assert rates["routes"][0]["pps"] == 2000.0
 
 
 # ---------------------------------------------------------------- trace
 
 
-def _records(*sizes: int) -> list[dict[str, Any]]:
+LATER = time.time() + 3600.25  # packets received after the trace started
+
+
+def _records(*sizes: int, at: float = LATER) -> list[dict[str, Any]]:
     return [
-        {"time": 1_700_000_000.25, "source": "10.0.0.1:4000", "size": s, "outputs": 2, "result": r}
+        {"time": at, "source": "10.0.0.1:4000", "size": s, "outputs": 2, "result": r}
         for s, r in zip(sizes, ["sent", "sent", "dropped: queue", "sent"], strict=False)
     ]
 
@@ -640,11 +722,11 @@ def test_trace_prints_records_until_count_and_stops_tracing(
     daemon.replies["trace.read"] = lambda p: next(pages)
     run = mcrelay("trace", "tv1", "--count", "3")
     assert run.code == 0
-    stamp = time.strftime("%H:%M:%S", time.localtime(1_700_000_000.25)) + ".250000"
+    stamp = time.strftime("%H:%M:%S", time.localtime(LATER)) + f".{int(LATER % 1 * 1e6):06d}"
     assert run.out.splitlines() == [
-        f"{stamp} 10.0.0.1:4000 len 1316 -> 2 sent",
-        f"{stamp} 10.0.0.1:4000 len 1316 -> 2 sent",
-        f"{stamp} 10.0.0.1:4000 len 188 -> 2 sent",
+        f"{stamp} IP 10.0.0.1.4000: UDP, length 1316 -> 2 sent",
+        f"{stamp} IP 10.0.0.1.4000: UDP, length 1316 -> 2 sent",
+        f"{stamp} IP 10.0.0.1.4000: UDP, length 188 -> 2 sent",
     ]
     assert daemon.methods() == [
         "trace.start",
@@ -657,6 +739,34 @@ def test_trace_prints_records_until_count_and_stops_tracing(
     cursors = [r["params"]["cursor"] for r in daemon.requests if r["method"] == "trace.read"]
     assert cursors == [0, 2, 2]
     assert "3 packets traced" in run.err
+
+
+def test_trace_starts_at_its_own_cursor_and_skips_packets_from_before_it(
+    daemon: FakeDaemon, mcrelay: Mcrelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "TRACE_POLL", 0)
+    old = _records(100, 100, at=time.time() - 2)  # the end of an earlier trace, handed over late
+    new = [
+        {**r, "destination": "239.1.1.1:5000", "outputs": ["239.2.2.2:6000"], "result": "relayed"}
+        for r in _records(1316, 188)
+    ]
+    new[1]["time"] += 0.000125  # each packet has its own receive time
+    pages = iter([{"records": old + new[:1], "cursor": 12}, {"records": new[1:], "cursor": 13}])
+    daemon.replies["trace.start"] = {"name": "tv1", "tracing": True, "cursor": 9}
+    daemon.replies["trace.stop"] = {"name": "tv1", "tracing": False}
+    daemon.replies["trace.read"] = lambda p: next(pages)
+    run = mcrelay("trace", "tv1", "--count", "2")
+    assert run.code == 0
+    cursors = [r["params"]["cursor"] for r in daemon.requests if r["method"] == "trace.read"]
+    assert cursors == [9, 12]  # from this trace's first record, not the ring's oldest
+    stamp = time.strftime("%H:%M:%S", time.localtime(LATER))
+    assert run.out.splitlines() == [
+        f"{stamp}.{int(LATER % 1 * 1e6):06d} IP 10.0.0.1.4000 > 239.1.1.1.5000: UDP, length 1316"
+        " -> 239.2.2.2.6000 relayed",
+        f"{stamp}.{int((LATER + 0.000125) % 1 * 1e6):06d} IP 10.0.0.1.4000 > 239.1.1.1.5000: UDP,"
+        " length 188 -> 239.2.2.2.6000 relayed",
+    ]
+    assert "2 packets traced" in run.err
 
 
 def test_trace_ctrl_c_still_stops_tracing(
@@ -1301,3 +1411,43 @@ def test_a_connection_dropped_while_waiting_is_unreachable(
     run = mcrelay("status")
     assert run.code == 2
     assert "connection closed by the daemon before it replied" in run.err
+
+
+# ---------------------------------------------------------------- states with reasons
+
+
+def test_show_marks_each_waiting_output_and_says_why_a_rule_waits(
+    daemon: FakeDaemon, mcrelay: Mcrelay
+) -> None:
+    partial = {
+        **ROUTES[1],
+        "oifs": [
+            {"name": "eth1", "ttl": 1, "state": "active"},
+            {"name": "dn9", "ttl": 8, "state": "waiting", "reason": "interface down"},
+        ],
+        "state": "partial",
+        "reason": "dn9 interface down",
+    }
+    full = {**ROUTES[0], "state": "waiting", "reason": "IPv4 VIF table full"}
+    daemon.replies["route.list"] = {"routes": [full, partial]}
+    rows = [line.split() for line in mcrelay("show", "routes").out.splitlines()]
+    assert rows[1][:6] == ["eth0", "*", "239.1.1.1", "eth1,eth2(ttl=8)", "waiting:", "IPv4"]
+    assert rows[2][:5] == ["eth0", "10.0.0.1", "239.1.1.10", "eth1,dn9(ttl=8,down)", "partial"]
+    relay = copy.deepcopy(RELAYS[0])
+    relay.update(state="waiting", reason="input address not on this host")
+    relay["outputs"][0].update(state="waiting", reason="interface renamed to wan1")
+    daemon.replies["relay.list"] = {"relays": [relay]}
+    out = mcrelay("show", "relays").out
+    assert "tv1   waiting: input address not on this host  packet" in out
+    assert "-> 239.2.2.2:6000@eth1,ttl=16,dscp=EF (renamed to wan1)" in out
+    assert "-> 192.0.2.10:7000,ttl=64 " in out and "(renamed" not in out.splitlines()[-1]
+
+
+def test_stats_watch_highlights_an_output_losing_packets_on_a_terminal() -> None:
+    from mcrelay import cli_format as fmt
+
+    before, after = _relay_at(1000, 0), _relay_at(3000, 10)
+    text = fmt.rates_table(after, fmt.rates(fmt.sample(before), fmt.sample(after), 2.0), True)
+    hot = [line for line in text.splitlines() if line.startswith("\033[1;7m")]
+    assert len(hot) == 2 and "relay tv1 !" in hot[0] and "192.0.2.10:7000,ttl=64 !" in hot[1]
+    assert all(line.endswith("\033[0m") for line in hot)

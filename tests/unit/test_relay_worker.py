@@ -121,3 +121,41 @@ def test_stats_send_changes_only(sink: socket.socket) -> None:
     w.rebuild()
     st = w.stats(4)
     assert st.relays == () and st.gone == (1,)
+
+
+def test_traced_packets_carry_their_own_kernel_receive_time(sink: socket.socket) -> None:
+    import os
+    import time
+
+    inp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    inp.bind(("127.0.0.1", 0))
+    a, b = Channel.pair()
+    w = Worker(b)
+    w._keep = a  # type: ignore[attr-defined]
+    w.handle(m.AddIngress((m.IngressSpec(1, "socket", 4, 1),)), [os.dup(inp.fileno())])
+    out = m.OutputSpec("127.0.0.1", sink.getsockname()[1], 0, 64, 0)
+    w.handle(m.SetTable(1, (m.TableEntry(7, "r", 1, "239.1.1.1", 5000, (), (out,)),)), [])
+    w.handle(m.SetTrace((7,)), [])
+    w.running = True
+    w.rebuild()
+    time.sleep(0.1)  # the kernel turns receive timestamps on
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    t0 = time.time()
+    tx.sendto(b"a" * 10, inp.getsockname())
+    time.sleep(0.2)
+    t1 = time.time()
+    tx.sendto(b"b" * 20, inp.getsockname())
+    time.sleep(0.05)
+    w.drain(w.ingress[1])  # one batch of two packets
+    first, second = w.rings[7].take()
+    assert (first["size"], second["size"]) == (10, 20)
+    assert t0 <= first["time"] < t1 <= second["time"] < time.time()
+    assert first["destination"] == "239.1.1.1:5000" and first["result"] == "relayed"
+    w.handle(m.SetTrace(()), [])
+    w.rebuild()
+    tx.sendto(b"c", inp.getsockname())
+    time.sleep(0.05)
+    w.drain(w.ingress[1])
+    assert w.rv_socket.timestamp(0) is None  # tracing off: no timestamps asked of the kernel
+    tx.close()
+    inp.close()

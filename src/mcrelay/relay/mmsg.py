@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from array import array
 
 MSG_DONTWAIT = 0x40
@@ -96,6 +97,15 @@ def sendmmsg(fd: int, hdrs_addr: int, n: int) -> int:
     return r
 
 
+# <asm-generic/socket.h> on 64-bit: SO_TIMESTAMPNS (= SCM_TIMESTAMPNS), a struct timespec.
+SOL_SOCKET = 1
+SO_TIMESTAMPNS = SCM_TIMESTAMPNS = 35
+TS_CMSG = struct.Struct("=Qiiqq")  # cmsghdr (len, level, type) + timespec (sec, nsec)
+TS_CMSG_SPACE = 32  # CMSG_SPACE(sizeof(struct timespec))
+Q_STRIDE = STRIDE // 8
+Q_RCONTROLLEN = _w64("msg_controllen")
+
+
 class RecvVec:
     """``n`` receive slots of ``size`` bytes each, with optional source-address buffers."""
 
@@ -142,6 +152,34 @@ class RecvVec:
     def recv(self, fd: int) -> int:
         """Fill slots from ``fd``; msg_len of slot i is ``u32[i * I_STRIDE + I_LEN]``."""
         return recvmmsg(fd, self.hdrs_addr, self.n)
+
+    def with_timestamps(self) -> None:
+        """Give every slot a control buffer for one SCM_TIMESTAMPNS (traced batches only).
+
+        Sockets without SO_TIMESTAMPNS write nothing there, so untraced
+        batches pay nothing; :meth:`arm_timestamps` re-opens the buffers
+        before a traced batch (recvmmsg shrinks msg_controllen to what it wrote).
+        """
+        self.ctl = (ctypes.c_char * (self.n * TS_CMSG_SPACE))()
+        self.ctl_addr = ctypes.addressof(self.ctl)
+        self.q64 = memoryview(self.hdrs).cast("B").cast("Q")
+        for i in range(self.n):
+            self.hdrs[i].msg_hdr.msg_control = self.ctl_addr + i * TS_CMSG_SPACE
+        self.arm_timestamps(self.n)
+
+    def arm_timestamps(self, count: int) -> None:
+        q = self.q64
+        for i in range(count):
+            q[i * Q_STRIDE + Q_RCONTROLLEN] = TS_CMSG_SPACE
+
+    def timestamp(self, i: int) -> float | None:
+        """The kernel's receive time of slot ``i`` (SCM_TIMESTAMPNS), None if it gave none."""
+        if self.q64[i * Q_STRIDE + Q_RCONTROLLEN] < TS_CMSG_SPACE:
+            return None
+        length, level, kind, sec, nsec = TS_CMSG.unpack_from(self.ctl, i * TS_CMSG_SPACE)
+        if level != SOL_SOCKET or kind != SCM_TIMESTAMPNS or length < TS_CMSG.size:
+            return None
+        return float(sec + nsec / 1e9)
 
     def reset_names(self, count: int) -> None:
         """recvmmsg overwrote msg_namelen of the first ``count`` slots; restore it."""

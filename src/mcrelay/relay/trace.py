@@ -49,11 +49,18 @@ class Ring:
 
 
 def record(
-    t: float, source: str, size: int, outputs: list[str], result: str, worker: int
+    t: float,
+    source: str,
+    size: int,
+    outputs: list[str],
+    result: str,
+    worker: int,
+    destination: str = "",
 ) -> dict[str, Any]:
-    """One packet's trace record (the JSON shape the CLI streams)."""
+    """One packet's trace record (the JSON shape the CLI streams); ``t``: its receive time."""
     return {
         "time": t,
+        "destination": destination,
         "source": source,
         "size": size,
         "outputs": outputs,

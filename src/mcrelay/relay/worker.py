@@ -11,6 +11,7 @@ sends each egress socket's batch with one sendmmsg.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import gc
@@ -33,7 +34,15 @@ from mcrelay.relay import messages as m
 from mcrelay.relay import table as tbl
 from mcrelay.relay.egress import Dest, EgressKey, open_egress
 from mcrelay.relay.hotpath import HotPath, Ingress
-from mcrelay.relay.mmsg import I_FLAGS, I_LEN, I_STRIDE, MSG_TRUNC, RecvVec
+from mcrelay.relay.mmsg import (
+    I_FLAGS,
+    I_LEN,
+    I_STRIDE,
+    MSG_TRUNC,
+    SO_TIMESTAMPNS,
+    SOL_SOCKET,
+    RecvVec,
+)
 from mcrelay.relay.qos import Backlog, Output, SendQueue
 from mcrelay.relay.reflect import (
     RawDest,
@@ -85,6 +94,8 @@ class Worker(HotPath):
         self.table = tbl.Table()
         self.rv_packet = RecvVec(VLEN, SLOT)
         self.rv_socket = RecvVec(VLEN, SLOT, namelen=28)  # sizeof(struct sockaddr_in6)
+        self.rv_packet.with_timestamps()  # traced packets carry the kernel's receive time
+        self.rv_socket.with_timestamps()
         # Relay counters and output count as the last Stats sent them, per relay id.
         self.reported: dict[int, tuple[list[int], int]] = {}
         self.received = 0
@@ -249,7 +260,10 @@ class Worker(HotPath):
             inn.table = self.table.packet.get(inn.spec.id, {})
             inn.single = self.table.single.get(inn.spec.id)
             entries = inn.table.values() if inn.kind == "packet" else [inn.single]
-            inn.traced = any(e is not None and e.traced for e in entries)
+            traced = any(e is not None and e.traced for e in entries)
+            if traced != inn.traced:
+                _timestamps(inn.sock, traced)
+            inn.traced = traced
         for i in self.traced:
             self.rings.setdefault(i, Ring(WORKER_RING))
         # The table lives until the next rebuild: keep the cycle collector from
@@ -367,8 +381,10 @@ class Worker(HotPath):
         packet = inn.kind == "packet"
         rv = self.rv_packet if packet else self.rv_socket
         for _ in range(BATCHES_PER_WAKEUP):
-            if inn.traced and not packet:
-                rv.reset_names(rv.n)
+            if inn.traced:
+                rv.arm_timestamps(rv.n)
+                if not packet:
+                    rv.reset_names(rv.n)
             try:
                 n = rv.recv(inn.fd)
             except OSError as exc:
@@ -395,9 +411,13 @@ class Worker(HotPath):
             self._sync_pollout()
 
     def batch_traced(self, inn: _Ingress, rv: RecvVec, n: int) -> None:
-        """Like the batch functions above, one packet at a time, recording each result."""
-        now = time.time()
+        """Like the batch functions above, one packet at a time, recording each result.
+
+        Each record has its packet's own receive time: the kernel's
+        (SO_TIMESTAMPNS, set while the ingress is traced), else the time now.
+        """
         for i in range(n):
+            t = rv.timestamp(i) or time.time()
             e, src, size, result = self._one_traced(inn, rv, i)
             if e is None or not e.traced:
                 continue
@@ -408,8 +428,9 @@ class Worker(HotPath):
             fan = e.outs[0].sq if e.outs else None
             if isinstance(fan, ReflectQueue) and result == "relayed":
                 result, sent = fan.last, fan.members  # a reflector's own verdict
-            outs = [f"{o.pyaddr[0]}:{o.pyaddr[1]}" for o in sent] if result == "relayed" else []
-            ring.add(record(now, src, size, outs, result, self.index))
+            outs = [_endpoint(*o.pyaddr[:2]) for o in sent] if result == "relayed" else []
+            dst = _endpoint(e.spec.group, e.spec.port)
+            ring.add(record(t, src, size, outs, result, self.index, dst))
 
     def _one_traced(
         self, inn: _Ingress, rv: RecvVec, i: int
@@ -474,6 +495,17 @@ class Worker(HotPath):
         e.c[1] += plen
         for o in e.outs:
             o.sq.add(o, paddr, plen)
+
+
+def _endpoint(host: str, port: int) -> str:
+    """``239.1.1.1:5000`` or ``[ff3e::1]:5000``: the spelling trace records use."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _timestamps(sock: socket.socket, on: bool) -> None:
+    """Ask the kernel for each packet's receive time on a traced ingress (off again after)."""
+    with contextlib.suppress(OSError):  # if refused, records carry the worker's time
+        sock.setsockopt(SOL_SOCKET, SO_TIMESTAMPNS, 1 if on else 0)
 
 
 def _sockaddr_text(name: bytes) -> str:
