@@ -710,7 +710,8 @@ def _reflect_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.sources:
         if len(args.sources) != 1 or args.sources[0] not in ("keep", "own"):
             raise InvalidParams(
-                "reflect.source", f"with --reflect, --source is keep or own, got {args.sources}"
+                "reflect.source",
+                f"with --reflect, --source is keep or own, got {' '.join(args.sources)!r}",
             )
         spec["source"] = args.sources[0]
     if args.allow:

@@ -257,6 +257,7 @@ def test_a_reflected_packet_that_comes_back_is_a_loop_and_a_repeat_is_a_duplicat
     # the same packet heard again on member 1 moments later: a duplicate
     _hand_over(leg1, _packet(rv, 2, "192.0.2.2", b"query"), 5)
     assert c1[m.DUPLICATE] == 1 and c1[m.PACKETS] == 1 and len(sender.sent) == 2
+    assert leg1.sq.last == "duplicate" and leg2.sq.last == "loop"  # type: ignore[attr-defined]
     # another sender's identical payload is its own packet
     _hand_over(leg1, _packet(rv, 3, "192.0.2.3", b"query"), 5)
     assert c1[m.PACKETS] == 2 and len(sender.sent) == 4

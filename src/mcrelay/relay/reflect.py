@@ -253,6 +253,7 @@ class ReflectQueue(SendQueue):
             (int(n.network_address), int(n.netmask)) for n in nets if n.version == sender.family
         ]
         self.allow_all = not allow
+        self.last = "relayed"  # what became of the last packet (for traces)
 
     def add(self, out: Output, data_addr: int, length: int) -> None:
         c = out.oc[3]
@@ -261,6 +262,7 @@ class ReflectQueue(SendQueue):
             s = int.from_bytes(p.src, "big")
             if not any(s & mask == net for net, mask in self.allow):
                 _uncount(c, length, m.FILTERED)
+                self.last = "filtered"
                 return
         st = self.state
         ix = self.ifindex
@@ -271,11 +273,14 @@ class ReflectQueue(SendQueue):
             or hash((ix, p.dst, p.dport, p.payload)) in st.sent_own
         ):
             _uncount(c, length, m.LOOP)
+            self.last = "loop"
             return
         full = hash((p.dst, p.dport, p.src, p.sport, p.payload))
         if full in st.relayed:
             _uncount(c, length, m.DUPLICATE)
+            self.last = "duplicate"
             return
+        self.last = "relayed"
         now = time.monotonic()
         st.relayed.add(full, now)
         for o in self.members:
