@@ -17,7 +17,7 @@ from typing import Any, Literal
 from .errors import InvalidParams
 
 MAX_OUTPUTS = 32
-MAX_ROUTES = 4096
+MAX_ROUTES = 20000  # as many as relays: 10,000 routes by one apply (issue 12)
 MAX_RELAYS = 20000
 MAX_GROUPS = MAX_RELAYS  # explicit joins: as many as the relays may hold implicitly
 MAX_NAME = 64

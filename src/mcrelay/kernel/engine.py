@@ -354,7 +354,7 @@ class KernelEngine:
         if route.key in self._routes:
             raise RuleExists(str(route.key))
         self._check_sg_conflict(route, self._routes.values())
-        self._learn_names([route, *self._routes.values()])
+        self._learn_names([route])  # the installed routes' names are known already
         routes = dict(self._routes)
         routes[route.key] = route
         self._apply(routes, self._learned, strict=frozenset({route.key}), dry_run=dry_run)
@@ -382,11 +382,15 @@ class KernelEngine:
         or nothing changes. Learned sources survive for (*,G) routes kept.
         """
         new: dict[RouteKey, Route] = {}
+        exact: dict[tuple[Any, str], Route] = {}  # (S,G) -> its route: one per (S,G), in O(1)
         for route in routes:
             self._require_family(route.family)
             if route.key in new:
                 raise RuleExists(str(route.key))
-            self._check_sg_conflict(route, new.values())
+            if not route.is_template:
+                other = exact.setdefault((route.source, route.group), route)
+                if other is not route:
+                    raise RuleExists(str(other.key))
             new[route.key] = route
         self._learn_names(routes)
         diff = RouteDiff(
