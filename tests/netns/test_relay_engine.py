@@ -116,18 +116,23 @@ def test_foreign_source_with_rp_filter_relayed_in_packet_mode(
 
 
 @pytest.mark.parametrize(
-    ("group", "port", "ttl"),
-    [("239.255.255.250", 1900, 1), ("224.0.0.251", 5353, 255)],
+    ("group", "port", "ttl", "out_ttl", "out_sport"),
+    [("239.255.255.250", 1900, 1, "1", None), ("224.0.0.251", 5353, 255, "255", 5353)],
     ids=["ssdp-ttl1", "mdns"],
 )
 def test_link_local_and_ttl1_relayed(
-    lab: StandardLab, drv: Driver, group: str, port: int, ttl: int
-) -> None:
+    lab: StandardLab, drv: Driver, group: str, port: int, ttl: int, out_ttl: str,
+    out_sport: int | None,
+) -> None:  # fmt: skip
+    """Relayed mDNS leaves with TTL 255 from port 5353 whatever the output says (RFC 6762
+    section 11: Avahi drops anything else); other outputs keep their TTL."""
     drv.call("add", relay=relay("ll", "up0", group, port, out(group, port, "dn1", ttl=1)))
     rcv = lab.receiver("rcv1", group, port, "veth0", count=20, duration=5, rcvbuf=RCVBUF)
-    lab.send("src", group, port, iface="veth0", count=20, ttl=ttl)
+    lab.send("src", group, port, iface="veth0", count=20, ttl=ttl, sport=40000)
     res = rcv.result()
-    assert (res.count, res.intact, res.ttls) == (20, 20, {"1": 20})
+    assert (res.count, res.intact, res.ttls) == (20, 20, {out_ttl: 20})
+    if out_sport is not None:
+        assert {p.sport for p in res.packets} == {out_sport}
 
 
 def test_ipv6_relay(lab: StandardLab, drv: Driver) -> None:
