@@ -95,6 +95,7 @@ class RuleService:
         self.store = store
         self.rules = RuleSet()  # the runtime layer: what the state file holds
         self.files = RuleFiles()  # the rule-file layer (see rulefiles.py)
+        self._effective: tuple[RuleSet, RuleFiles, RuleSet] | None = None
         self.started = time.monotonic()
         self._status_extra = status_extra or dict
         self._interfaces = interfaces or list
@@ -104,8 +105,11 @@ class RuleService:
 
     @property
     def effective(self) -> RuleSet:
-        """The rules in force: the runtime layer plus the rule files."""
-        return merge(self.rules, self.files.rules)
+        """The rules in force: the runtime layer plus the rule files (rebuilt when either moves)."""
+        cached = self._effective
+        if cached is None or cached[0] is not self.rules or cached[1] is not self.files:
+            cached = self._effective = (self.rules, self.files, merge(self.rules, self.files.rules))
+        return cached[2]
 
     def restore(self, rules: RuleSet, files: RuleFiles | None = None) -> None:
         """Install the state file's rules and the rule files' (raises if the kernel refuses)."""
