@@ -243,6 +243,31 @@ def test_wakeonlan_reaches_a_listener_on_another_segment(
     assert bytes.fromhex(got["data"]) == b"\xff" * 6 + bytes.fromhex("02005e100001") * 16
 
 
+def test_a_directed_broadcast_is_relayed_as_a_broadcast_on_the_output(
+    lab: StandardLab, daemon: DaemonProcess
+) -> None:
+    """wakeonlan -i 192.0.2.255 (up0's directed broadcast) to a broadcast on dn2."""
+    need("wakeonlan")
+    for ns, ifname, cidr in (("router", "up0", "192.0.2.1/24"), ("src", "veth0", "192.0.2.2/24")):
+        lab.ip(ns, "addr", "del", cidr, "dev", ifname)  # ip sets no broadcast by default
+        lab.ip(ns, "addr", "add", cidr, "brd", "+", "dev", ifname)
+    res = daemon.cli(
+        "relay", "add", "wold", "--in", "192.0.2.255:9@up0", "--out", "255.255.255.255:9@dn2"
+    )
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: relay_row(daemon, "wold")["state"] == "active", timeout=5, what="active")
+    listener = lab.popen(
+        "rcv2", [PY, CLIENTS, "udp-listen", "9", "3"], stdout=subprocess.PIPE, text=True,
+        env=python_env(),
+    )  # fmt: skip
+    time.sleep(0.5)
+    lab.run("src", "wakeonlan", "-i", "192.0.2.255", "-p", "9", "02:00:5e:10:00:02")
+    out, _ = listener.communicate(timeout=20)
+    (got,) = json.loads(out.strip().splitlines()[-1])["packets"]
+    assert got["dst"] == "255.255.255.255" and got["src"][0] == "203.0.113.1"  # src=own
+    assert bytes.fromhex(got["data"]) == b"\xff" * 6 + bytes.fromhex("02005e100002") * 16
+
+
 # ---------------------------------------------------------------- never back, never a storm
 
 

@@ -48,6 +48,8 @@ def open_egress(key: EgressKey) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         tos = key.dscp << 2
         if key.family == 4:
+            # Outputs to 255.255.255.255 or a directed broadcast: refused (EACCES) without.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             s.setsockopt(socket.IPPROTO_IP, IP_TOS, tos)
             s.setsockopt(socket.IPPROTO_IP, IP_TTL, key.ttl)
             s.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_TTL, key.ttl)
