@@ -271,6 +271,28 @@ def test_a_directed_broadcast_is_relayed_as_a_broadcast_on_the_output(
 # ---------------------------------------------------------------- never back, never a storm
 
 
+def test_a_member_that_goes_down_leaves_and_rejoins(
+    lab: StandardLab, daemon: DaemonProcess
+) -> None:
+    reflect(daemon, "disc", "239.255.255.250:1900", "--on", "up0,dn1,dn2")
+
+    def through(count: int) -> int:
+        rcv = lab.receiver("rcv1", "239.255.255.250", 1900, "veth0", duration=3, idle=1.5)
+        lab.send("src", "239.255.255.250", 1900, iface="veth0", count=count, ttl=1, rate=100)
+        return rcv.result().count
+
+    assert through(5) == 5
+    lab.ip("router", "link", "set", "dn1", "down")
+    wait_for(
+        lambda: relay_row(daemon, "disc")["members"][1]["state"] == "waiting",
+        timeout=5,
+        what="dn1 waiting",
+    )
+    lab.ip("router", "link", "set", "dn1", "up")
+    wait_for(lambda: relay_row(daemon, "disc")["state"] == "active", timeout=5, what="active")
+    wait_for(lambda: through(3) == 3, timeout=15, what="dn1 back in the reflector")
+
+
 def test_no_interface_receives_a_relayed_copy_of_its_own_packets(
     lab: StandardLab, daemon: DaemonProcess
 ) -> None:
