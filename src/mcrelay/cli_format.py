@@ -722,6 +722,9 @@ def _relay_fields(relay: Any, key: str) -> list[Any]:
     ``group`` matches the input group and each output address, so both ends
     of a translating relay find it.
     """
+    spec = _get(relay, "reflect")
+    if isinstance(spec, Mapping) and key in ("iif", "oif", "group"):
+        return _reflector_fields(spec, key)
     inp = _get(relay, "input")
     outputs = _list(relay, "outputs")
     if key == "iif":
@@ -731,6 +734,20 @@ def _relay_fields(relay: Any, key: str) -> list[Any]:
     if key == "group":
         return [_get(inp, "group"), *(_get(o, "address") for o in outputs)]
     return [_get(relay, key)]
+
+
+def _reflector_fields(spec: Mapping[str, Any], key: str) -> list[Any]:
+    """A reflector hears on every member, sends on the ``on`` ones, uses its preset's groups."""
+    if key == "iif":
+        return [*_list(spec, "on"), *_list(spec, "listen_only")]
+    if key == "oif":
+        return list(_list(spec, "on"))
+    from .model import REFLECT_PRESETS
+
+    proto = _get(spec, "proto")
+    if proto in REFLECT_PRESETS:
+        return [group for group, _port in REFLECT_PRESETS[proto]]
+    return [_get(spec, "group")]
 
 
 def _plain_fields(item: Any, key: str) -> list[Any]:

@@ -71,3 +71,21 @@ def test_refused_before_anything_is_sent(
     run = mcrelay("relay", "add", "disc", *argv)
     assert run.code == 1 and words in run.err, run.err
     assert [r for r in daemon.requests if r["method"] == "relay.add"] == []
+
+
+def test_show_relays_filters_find_reflectors_by_member_and_group() -> None:
+    from mcrelay import cli_format as fmt
+
+    row = {"name": "disc", "reflect": {"proto": "mdns", "on": ["lan", "iot"],
+           "listen_only": ["guest"]}}  # fmt: skip
+    plain = {"name": "tv", "input": {"iif": "up0", "group": "239.1.1.1", "port": 5000},
+             "outputs": [{"address": "239.2.2.2", "port": 5000, "oif": "lan"}]}  # fmt: skip
+
+    def names(*words: str) -> list[str]:
+        terms = fmt.parse_filter("relays", list(words))
+        return [r["name"] for r in fmt.select("relays", [row, plain], terms)]
+
+    assert names("iif", "guest") == ["disc"]
+    assert names("oif", "lan") == ["disc", "tv"]
+    assert names("oif", "guest") == []
+    assert names("group", "224.0.0.0/24") == ["disc"]
