@@ -148,7 +148,7 @@ def test_output_interface_flapping_50_times_forwards_again_within_half_a_second(
     worst = (0.0, 0.0)
     for _ in range(50):
         lab.ip("router", "link", "set", "dn1", "down")
-        wait_state(live, ROUTE_G, "active")  # the route stays: only an output went
+        wait_state(live, ROUTE_G, "waiting")  # kept, waiting for its only output
         lab.ip("router", "link", "set", "dn1", "up")
         route_t, relay_t = recovery(lab)
         worst = (max(worst[0], route_t), max(worst[1], relay_t))
@@ -204,7 +204,7 @@ def test_renamed_away_forwards_nothing_and_renamed_back_forwards_again(
         lab.ip_batch(
             "router", ["link set dn1 down", "link set dn1 name dnaway", "link set dnaway up"]
         )
-        wait_state(live, ROUTE_G, "active")
+        wait_state(live, ROUTE_G, "waiting")
         wait_for(lambda: "dnaway" not in vifs(lab) and "dn1" not in vifs(lab), timeout=3,
                  interval=0.01, what="no VIF for the renamed interface")  # fmt: skip
         assert vifs(lab) == {"up0", "dn2"}

@@ -257,7 +257,8 @@ def test_a_route_waits_while_its_interface_is_gone_and_returns_with_it(
         what="the dn1 VIF to go",
     )
     (route,) = daemon.cli_json("show", "routes")["routes"]
-    assert route["oifs"] == [{"name": "dn1", "ttl": 1}], "the rule is kept as written"
+    assert [(o["name"], o["ttl"]) for o in route["oifs"]] == [("dn1", 1)], "kept as written"
+    assert (route["state"], route["reason"]) == ("waiting", "dn1 interface missing")
 
     lab.add_link(
         "router", "dn1", "rcv1", "veth0",

@@ -756,6 +756,10 @@ def test_counters_survive_an_input_flap_and_an_output_recreation() -> None:
     st = eng.routes()[0]
     assert (st.state, st.packets, st.bytes, st.counter_resets) == ("active", 405, 40500, 1)
     assert st.counters_since == since
+    # the only output gone: nothing is forwarded (waiting), the entry still counts
+    eng.interface_changed("eth2", None)
+    st = eng.routes()[0]
+    assert (st.state, st.reason, st.packets) == ("waiting", "eth2 interface missing", 405)
     # an output re-created: the entry is rewritten in place, nothing is lost or doubled
     eng.interface_changed("eth2", 88)
     k.tables[4].counts[sg] = SgCount(7, 700, 0)

@@ -317,3 +317,21 @@ def test_a_trace_starts_after_the_records_of_earlier_traces() -> None:
     cursor = s.mgr.trace_start("tv")
     assert (first, cursor) == (0, 3)
     assert s.mgr.trace_read("tv", cursor) == ([], 3)
+
+
+def test_relay_counters_go_on_after_the_worker_let_go_of_a_waiting_input(s: Setup) -> None:
+    s.mgr.add(relay())
+    rid = s.last_table().entries[0].id
+    s.mgr.on_message(0, stats(rid, 40), 0.0)
+    del s.ifaces["up0"]  # the input waits: the workers' table loses the relay, and so
+    s.mgr.reconcile()  # does each worker's counter list
+    s.mgr.on_message(0, m.Stats(2, (), {}, 0.1, {}, (rid,)), 0.0)
+    assert s.mgr.relays()[0]["packets"] == 40
+    s.ifaces["up0"] = 30
+    s.mgr.reconcile()
+    s.mgr.on_message(0, stats(rid, 5, seq=3), 0.0)  # counted again from zero
+    (listed,) = s.mgr.relays()
+    assert listed["packets"] == 45 and listed["outputs"][0]["packets"] == 45
+    s.mgr.delete("tv")
+    s.mgr.on_message(0, m.Stats(4, (), {}, 0.1, {}, (rid,)), 0.0)
+    assert s.mgr.counters.total(rid, 1)[0][m.PACKETS] == 0  # a removed rule keeps nothing

@@ -912,14 +912,16 @@ class KernelEngine:
                 oifs.append(OifState(o.name))
         waiting = [o for o in oifs if o.reason]
         if waiting:
-            return "partial", "; ".join(f"{o.name} {o.reason}" for o in waiting), tuple(oifs)
+            # Every output waiting: nothing is forwarded, so the route waits too.
+            state: State = "waiting" if len(waiting) == len(oifs) else "partial"
+            return state, "; ".join(f"{o.name} {o.reason}" for o in waiting), tuple(oifs)
         return "active", None, tuple(oifs)
 
     def _status(self, route: Route) -> RouteStatus:
         state, reason, oifs = self._states(route)
         base = self._absorbed.get(route.key, [0, 0, 0, 0])
         since, resets = self._since.get(route.key), base[3]
-        if state == "waiting":
+        if route.key not in self._k.active:  # nothing in the kernel to count
             return RouteStatus(
                 route,
                 state,

@@ -8,7 +8,7 @@ backwards. Relays are keyed by the id the manager gives each rule version.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mcrelay.relay import messages as m
@@ -38,12 +38,19 @@ class Counters:
         self.slots = [WorkerCounters() for _ in range(workers)]
         self._retired: dict[int, tuple[list[int], list[list[int]]]] = {}
 
-    def merge(self, index: int, stats: m.Stats) -> None:
-        """A Stats message from worker ``index``: changes merged, ids gone dropped."""
+    def merge(self, index: int, stats: m.Stats, keep: Callable[[int], bool] | None = None) -> None:
+        """A Stats message from worker ``index``: changes merged, ids gone dropped.
+
+        An id the worker let go while ``keep(id)`` holds (the rule is still
+        there, its input is waiting: an interface flap) is retired, not
+        dropped, so the relay's counters go on from where they were.
+        """
         slot = self.slots[index]
         slot.relays.update((rs.id, rs) for rs in stats.relays)
         for gone in stats.gone:
-            slot.relays.pop(gone, None)
+            st = slot.relays.pop(gone, None)
+            if st is not None and keep is not None and keep(gone):
+                self._retire_one(gone, st)
         slot.worker = stats.worker
         slot.cpu = stats.cpu
 
@@ -51,17 +58,20 @@ class Counters:
         """Worker ``index`` is gone: keep its last counters in the retired sums."""
         slot = self.slots[index]
         for rid, st in slot.relays.items():
-            acc = self._retired.get(rid)
-            if acc is None:
-                acc = self._retired[rid] = ([0] * m.N_COUNTERS, [])
-            _add(acc[0], st.counters)
-            while len(acc[1]) < len(st.outputs):
-                acc[1].append([0] * OUTPUT_FIELDS)
-            for i, o in enumerate(st.outputs):
-                _add(acc[1][i], o)
+            self._retire_one(rid, st)
         slot.relays = {}
         slot.cpu_base += slot.cpu
         slot.cpu = 0.0
+
+    def _retire_one(self, rid: int, st: m.RelayStats) -> None:
+        acc = self._retired.get(rid)
+        if acc is None:
+            acc = self._retired[rid] = ([0] * m.N_COUNTERS, [])
+        _add(acc[0], st.counters)
+        while len(acc[1]) < len(st.outputs):
+            acc[1].append([0] * OUTPUT_FIELDS)
+        for i, o in enumerate(st.outputs):
+            _add(acc[1][i], o)
 
     def forget(self, rid: int) -> None:
         """The relay version ``rid`` is removed: its history goes with it."""

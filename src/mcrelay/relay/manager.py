@@ -124,7 +124,7 @@ class RelayManager:
 
     def on_message(self, index: int, msg: Any, now: float) -> None:
         if isinstance(msg, m.Stats):
-            self.counters.merge(index, msg)
+            self.counters.merge(index, msg, self._leg_owner.__contains__)
             for rid, recs in msg.traces.items():
                 ring = self._rings.get(self._leg_owner.get(int(rid), int(rid)))
                 if ring is not None:

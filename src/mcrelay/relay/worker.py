@@ -86,6 +86,7 @@ class Worker(HotPath):
         self.specs: tuple[m.TableEntry, ...] = ()
         self.traced: set[int] = set()
         self.counters: dict[int, list[int]] = {}
+        self.prune_counters = False  # a rebuild may have left counters of removed relays
         self.out_counters: dict[tuple[int, int], list[Any]] = {}
         self.egress: dict[EgressKey, SendQueue] = {}
         self.dirty: list[SendQueue] = []
@@ -185,11 +186,10 @@ class Worker(HotPath):
 
     def rebuild(self) -> None:
         """Resolve the table against held sockets; open/close egress sockets as needed."""
-        ids = {s.id for s in self.specs}
-        for gone in [i for i in self.counters if i not in ids]:
-            del self.counters[gone]
-        for okey in [k for k in self.out_counters if k[0] not in ids]:
-            del self.out_counters[okey]
+        # Counters of relays no longer in the table are dropped by the next
+        # stats(), after it reported them: a relay whose input comes back
+        # before then (an interface flap) goes on counting where it was.
+        self.prune_counters = True
         wanted: set[EgressKey] = set()
 
         def kind_of(ingress_id: int) -> str | None:
@@ -307,7 +307,20 @@ class Worker(HotPath):
         held = {e.id for e in entries}
         gone = tuple(rid for rid in last if rid not in held)
         for rid in gone:
+            final = self.counters.get(rid)
+            if final is not None and final != last[rid][0]:  # the last counts before it went
+                outs = []
+                for idx in range(last[rid][1]):
+                    oc = self.out_counters.get((rid, idx))
+                    outs.append((oc[0], oc[1], oc[2]) if oc else (0, 0, 0))
+                relays.append(m.RelayStats(rid, tuple(final), tuple(outs)))
             del last[rid]
+        if self.prune_counters:
+            self.prune_counters = False
+            for rid in [i for i in self.counters if i not in held]:
+                del self.counters[rid]
+            for okey in [k for k in self.out_counters if k[0] not in held]:
+                del self.out_counters[okey]
         ru = resource.getrusage(resource.RUSAGE_SELF)
         traces = {str(i): r.take() for i, r in self.rings.items() if r.records}
         worker = {
