@@ -851,7 +851,10 @@ def rates(before: Sample, after: Sample, seconds: float) -> dict[tuple[Any, ...]
 
 
 def _rate(value: Any) -> str:
-    return MISSING if value is None else human(round(value, 1))
+    """A rate: whole units from 10 on (999.9 packets/s reads 1000, not 999.9)."""
+    if value is None:
+        return MISSING
+    return human(round(value) if value >= 10 else round(value, 1))
 
 
 def rates_table(
