@@ -198,6 +198,7 @@ def test_counters_come_from_kernel() -> None:
         "wrong_if": 2,
         "learned": [],
         "counter_resets": 0,
+        "bytes_counted": "ip_packet",
     }
 
 

@@ -304,6 +304,7 @@ def test_input_drops_and_counters_survive_an_input_flap() -> None:
     (listed,) = s.mgr.relays()
     assert listed["input_drops"] == 8
     assert listed["packets"] == 40 and listed["counters_since"] == since
+    assert listed["bytes_counted"] == "udp_payload"
 
 
 def test_a_trace_starts_after_the_records_of_earlier_traces() -> None:

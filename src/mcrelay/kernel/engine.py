@@ -150,6 +150,7 @@ class RouteStatus:
             learned=[ls.to_dict() for ls in self.learned],
             counters_since=self.counters_since,
             counter_resets=self.counter_resets,
+            bytes_counted="ip_packet",  # the kernel's MFC counts whole IP packets
         )
         if self.reason:
             d["reason"] = self.reason

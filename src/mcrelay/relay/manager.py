@@ -410,6 +410,7 @@ class RelayManager:
             if error is not None:
                 d["error"] = error
             d["packets"], d["bytes"] = c[m.PACKETS], c[m.BYTES]
+            d["bytes_counted"] = "udp_payload"  # the workers count what they relay
             d["drops"] = {k: c[m.NO_BUFFER + i] for i, k in enumerate(m.DROP_NAMES)}
             waiting = []
             for od, oc, spec in zip(d["outputs"], outs, r.outputs, strict=True):
@@ -485,6 +486,7 @@ class RelayManager:
             d["reason"] = "; ".join(f"{x['name']} {x['reason']}" for x in members if "reason" in x)
         d["counters_since"] = self._since.get(r.name)
         d["packets"], d["bytes"] = total[m.PACKETS], total[m.BYTES]
+        d["bytes_counted"] = "udp_payload"
         d["drops"] = {k: total[m.NO_BUFFER + i] for i, k in enumerate(m.DROP_NAMES)}
         d["members"] = members
         d["input_drops"] = sum(
