@@ -268,6 +268,50 @@ def test_a_directed_broadcast_is_relayed_as_a_broadcast_on_the_output(
     assert bytes.fromhex(got["data"]) == b"\xff" * 6 + bytes.fromhex("02005e100002") * 16
 
 
+# ---------------------------------------------------------------- on the wire, rules
+
+
+def test_what_leaves_allow_fe80_sources_and_a_restart_with_apply(
+    lab: StandardLab, daemon: DaemonProcess, tmp: Path
+) -> None:
+    """mDNS from any source port leaves from 5353 with hop limit 255; an fe80:: sender
+    leaves as the router's link-local address on the output; --allow drops other
+    sources as filtered; the reflector survives a restart (state file) and an apply."""
+    reflect(daemon, "disc", "mdns", "--on", "up0,dn1,dn2", "--allow", "192.0.2.0/24,fe80::/10")
+    rcv = lab.receiver("rcv1", "ff02::fb", 5353, "veth0", duration=3, idle=1.5)
+    lab.send("src", "ff02::fb", 5353, iface="veth0", count=5, ttl=7, sport=40000, rate=100)
+    got = rcv.result()
+    dn1 = next(
+        a["local"]
+        for a in lab.ip_json("router", "-6", "addr", "show", "dn1")[0]["addr_info"]
+        if a["local"].startswith("fe80")
+    )
+    assert got.count == 5 and got.sources == {dn1: 5} and got.ttls == {"255": 5}
+    assert {p.sport for p in got.packets} == {5353}
+    v4 = lab.receiver("rcv1", "224.0.0.251", 5353, "veth0", duration=3, idle=1.5)
+    lab.send("rcv2", "224.0.0.251", 5353, iface="veth0", count=4, ttl=255, rate=100)
+    lab.send("src", "224.0.0.251", 5353, iface="veth0", count=3, ttl=255, rate=100)
+    assert v4.result().sources == {"192.0.2.2": 3}, "only the allowed source is reflected"
+    wait_for(lambda: relay_row(daemon, "disc")["drops"]["filtered"] == 4, timeout=5,
+             what="4 filtered")  # fmt: skip
+
+    daemon.stop()
+    daemon.start()
+    (row,) = daemon.cli_json("show", "relays")["relays"]
+    assert row["reflect"]["allow"] == ["192.0.2.0/24", "fe80::/10"] and row["state"] == "active"
+    rules = daemon.cli_json("export")
+    rules["relays"][0]["reflect"]["on"] = ["up0", "dn2"]
+    (tmp / "rules.json").write_text(json.dumps(rules))
+    res = daemon.cli("apply", str(tmp / "rules.json"))
+    assert res.returncode == 0, res.stderr
+    (row,) = daemon.cli_json("show", "relays")["relays"]
+    assert [m["name"] for m in row["members"]] == ["up0", "dn2"]
+    far = lab.receiver("rcv2", "224.0.0.251", 5353, "veth0", duration=3, idle=1.5)
+    near = lab.receiver("rcv1", "224.0.0.251", 5353, "veth0", duration=3, idle=1.5)
+    lab.send("src", "224.0.0.251", 5353, iface="veth0", count=3, ttl=255, rate=100)
+    assert (far.result().count, near.result().count) == (3, 0)
+
+
 # ---------------------------------------------------------------- never back, never a storm
 
 
