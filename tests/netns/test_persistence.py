@@ -123,7 +123,8 @@ def test_every_accepted_change_replaces_the_state_file_atomically(
     ]
 
     # Refused and dry-run changes do not touch it.
-    daemon.cli("route", "add", "up0", SRC4, "239.1.1.2", "dn2")  # exists: refused
+    refused = daemon.cli("route", "add", "up0", SRC4, "239.1.1.2", "dn1")  # nothing new
+    assert refused.returncode == 1 and "already exists" in refused.stderr
     daemon.cli("--dry-run", "route", "del", "up0", SRC4, "239.1.1.2", check=True)
     assert digest(daemon.state) == second
     leftovers = [p.name for p in Path(daemon.state).parent.iterdir() if p.name.endswith(".tmp")]
