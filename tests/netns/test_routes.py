@@ -284,8 +284,14 @@ def test_the_control_process_runs_unprivileged_and_holds_no_kernel_socket(
     # Every socket it holds is a Unix socket (listener, supervisor channel,
     # clients): never an mroute, AF_PACKET or netlink socket.
     inodes = socket_inodes(pid)
-    unix = {line.split()[6] for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]}
-    # A client connection closed between the two reads is gone from both by now;
+    # A connection accepted from a client in another network namespace (the
+    # test's own, here) is listed in the client's namespace, not the daemon's.
+    unix = {
+        line.split()[6]
+        for table in (f"/proc/{pid}/net/unix", "/proc/self/net/unix")
+        for line in Path(table).read_text().splitlines()[1:]
+    }
+    # A client connection closed between the reads is gone from both by now;
     # a socket of another family stays in the fd table and is caught.
     other = (inodes - unix) & socket_inodes(pid)
     assert inodes and not other, other
