@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,10 @@ from mcrelay.lab.daemon import DaemonProcess
 from mcrelay.lab.netns import python_env
 
 CLIENTS = str(Path(__file__).with_name("discovery_clients.py"))
-PY = sys.executable
+# The clients are third-party programs on Debian's own Python with Debian's
+# python3-zeroconf and python3-gi, whichever interpreter (and pyroute2) runs
+# the tests: the suite also runs from a PyPI-only virtualenv.
+PY = "/usr/bin/python3"
 MEDIA_SERVER = "urn:schemas-upnp-org:device:MediaServer:1"
 
 
