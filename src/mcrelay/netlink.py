@@ -36,9 +36,6 @@ LAST_INDEX_MAX = 4096
 
 log = logging.getLogger("mcrelay.netlink")
 
-# Called with the names whose (ifindex, up) changed since the last call.
-Listener = Callable[[frozenset[str]], None]
-
 
 @dataclass
 class Interface:
@@ -79,7 +76,6 @@ class InterfaceTable:
     def __init__(self, dump: Dump | None = None, *, doorbell: bool = True) -> None:
         self.by_index: dict[int, Interface] = {}
         self._by_name: dict[str, Interface] = {}
-        self.listeners: list[Listener] = []
         self.generation = 0
         self.stale = False
         # name -> the index it last had, to tell a rename from a deletion;
@@ -163,7 +159,7 @@ class InterfaceTable:
             self.stale = True
 
     def refresh(self, *, notify: bool = True) -> frozenset[str]:
-        """Re-read links and addresses; tell listeners which names changed; return them."""
+        """Re-read links and addresses; return the names whose (index, up) changed."""
         self.stale = False
         links, addrs = self._dump()
         by_index: dict[int, Interface] = {}
@@ -199,11 +195,6 @@ class InterfaceTable:
         if changed and notify:
             for name in sorted(changed):
                 self._log_change(name, before.get(name), after.get(name))
-            for listener in self.listeners:
-                try:
-                    listener(changed)
-                except Exception:
-                    log.exception("interface listener failed")
         return changed
 
     @staticmethod

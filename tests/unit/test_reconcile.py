@@ -84,16 +84,6 @@ def test_nothing_moved_means_no_change_and_the_same_generation(kernel: FakeKerne
     assert t.generation == gen
 
 
-def test_listeners_hear_the_changed_names_once_per_refresh(kernel: FakeKernel) -> None:
-    t = table(kernel)
-    heard: list[frozenset[str]] = []
-    t.listeners.append(heard.append)
-    kernel.links[6] = ("dn2", True)
-    kernel.links[7] = ("dn3", True)
-    t.refresh()
-    assert heard == [frozenset({"dn2", "dn3"})]
-
-
 class Flaky:
     def __init__(self, failures: int) -> None:
         self.failures = failures

@@ -29,12 +29,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mcrelay.errors import KernelRefused, McrelayError, NoSuchRule, RuleExists
 from mcrelay.membership import Membership
 from mcrelay.model import LIMITED_BROADCAST, MDNS_TTL, Relay, RelayOutput, is_mdns
+from mcrelay.netlink import rp_filter
 from mcrelay.relay import messages as m
 from mcrelay.relay.counters import Counters
 from mcrelay.relay.inputs import (
@@ -517,7 +517,7 @@ class RelayManager:
                     out.append(f"reflector {name}: input not open: {self.inputs.errors[name]}")
                 continue
             if r.mode == "socket" and r.input.family == 4:
-                rp = _rp_filter(r.input.iif)
+                rp = rp_filter(r.input.iif)
                 if rp:
                     out.append(
                         f"relay {name}: socket mode on {r.input.iif} with rp_filter={rp}: packets "
@@ -644,14 +644,6 @@ def _refused(what: str, exc: Exception) -> Exception:
     if isinstance(exc, OSError):
         return KernelRefused(what, exc.errno or 0, str(exc))
     return exc
-
-
-def _rp_filter(iif: str) -> int:
-    values = []
-    for name in ("all", iif):
-        with contextlib.suppress(OSError, ValueError):
-            values.append(int(Path(f"/proc/sys/net/ipv4/conf/{name}/rp_filter").read_text()))
-    return max(values, default=0)
 
 
 __all__ = ["RelayManager", "RelayRecord", "input_text"]
